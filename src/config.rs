@@ -1,0 +1,486 @@
+//! The TOML configuration of SPEC §7: serde structs with defaults, then one validation pass that
+//! reports every bad setting at once, naming each field.
+//!
+//! Unknown fields are refused (`deny_unknown_fields`), durations are humantime strings, and
+//! relative paths are resolved against the config file's folder.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::host::normalise_base_domain;
+use crate::proxy::pool::{EndpointSpec, Flavor};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Domains under which `<slug>.<base>` is served.
+    pub base_domains: Vec<String>,
+    /// Listening addresses.
+    pub listen: Listen,
+    /// Where deployments and keys come from.
+    pub control_plane: ControlPlane,
+    /// Backend pools, chosen by a deployment's base model.
+    pub pools: Vec<PoolConfig>,
+    /// Size and count limits.
+    pub limits: Limits,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Folder of the config file; relative paths are resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            base_domains: vec!["arkor.app".to_owned()],
+            listen: Listen::default(),
+            control_plane: ControlPlane::default(),
+            pools: Vec::new(),
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+            base_dir: PathBuf::from("."),
+        }
+    }
+}
+
+/// `[listen]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// Plain HTTP (HTTP/1.1 and h2c prior knowledge); `""` disables it.
+    pub http: String,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            http: "127.0.0.1:8080".to_owned(),
+        }
+    }
+}
+
+/// `[control_plane]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlPlane {
+    /// Snapshot file, relative to the config file; re-read when it changes.
+    pub file: PathBuf,
+    /// How often the file's metadata is checked for a change.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for ControlPlane {
+    fn default() -> Self {
+        ControlPlane {
+            file: PathBuf::from("deployments.json"),
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One `[[pools]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Name, for logs.
+    pub name: String,
+    /// Base models this pool serves.
+    pub base_models: Vec<String>,
+    /// `builtin:echo`, `http://host:port[/prefix]` or `h2c://host:port[/prefix]`.
+    pub endpoints: Vec<String>,
+    /// Extra attempts on another endpoint, only when no request byte was sent.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// How the pinned target is written into the upstream body.
+    #[serde(default)]
+    pub flavor: Flavor,
+    /// `llamacpp` only: target id → adapter id (load order of `--lora`).
+    #[serde(default)]
+    pub adapters: std::collections::BTreeMap<String, u32>,
+}
+
+fn default_retries() -> u32 {
+    2
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Largest request head (HTTP/1.1 read buffer, HTTP/2 header list).
+    pub max_header_bytes: usize,
+    /// Most client connections open at once; more are closed on accept.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 16 * 1024 * 1024,
+            max_header_bytes: 64 * 1024,
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// `[timeouts]`, humantime strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// A client must send a whole request head within this (HTTP/1.1; it also bounds the
+    /// idle wait for the next request on a keep-alive connection).
+    #[serde(with = "humantime_serde")]
+    pub client_header: Duration,
+    /// A client must send its whole request body within this.
+    #[serde(with = "humantime_serde")]
+    pub client_body: Duration,
+    /// TCP connect to a backend.
+    #[serde(with = "humantime_serde")]
+    pub upstream_connect: Duration,
+    /// From sending the request to the backend's response head.
+    #[serde(with = "humantime_serde")]
+    pub upstream_first_byte: Duration,
+    /// Longest silence between two chunks of a response body.
+    #[serde(with = "humantime_serde")]
+    pub upstream_idle: Duration,
+    /// How long in-flight requests may run on after a shutdown signal.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            client_header: Duration::from_secs(10),
+            client_body: Duration::from_secs(60),
+            upstream_connect: Duration::from_secs(2),
+            upstream_first_byte: Duration::from_secs(120),
+            upstream_idle: Duration::from_secs(120),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A configuration that failed to load: every problem found, each naming its field.
+#[derive(Debug)]
+pub struct ConfigError(pub Vec<String>);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            f.write_str(problem)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(vec![format!("{}: {e}", path.display())]))?;
+        let base_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        Config::from_toml(&text, base_dir).map_err(|e| {
+            ConfigError(
+                e.0.into_iter()
+                    .map(|m| format!("{}: {m}", path.display()))
+                    .collect(),
+            )
+        })
+    }
+
+    /// Parses and validates config text; `base_dir` anchors relative paths.
+    pub fn from_toml(text: &str, base_dir: PathBuf) -> Result<Config, ConfigError> {
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| ConfigError(vec![e.to_string()]))?;
+        config.base_dir = base_dir;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Resolves a path from the config against the config file's folder.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    /// The plain HTTP listen address, if enabled (validated).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.listen.http.parse().ok()
+    }
+
+    /// Base domains, normalised (validated).
+    pub fn normalised_base_domains(&self) -> Vec<String> {
+        self.base_domains
+            .iter()
+            .filter_map(|b| normalise_base_domain(b))
+            .collect()
+    }
+
+    fn validate(&mut self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.base_domains.is_empty() {
+            problems.push("base_domains: must name at least one domain".to_owned());
+        }
+        for (i, b) in self.base_domains.iter().enumerate() {
+            if normalise_base_domain(b).is_none() {
+                problems.push(format!("base_domains[{i}]: {b:?} is not a domain name"));
+            }
+        }
+        if self.listen.http.is_empty() {
+            problems.push("listen.http: no data listener is enabled".to_owned());
+        } else if self.listen.http.parse::<SocketAddr>().is_err() {
+            problems.push(format!(
+                "listen.http: {:?} is not an address like \"127.0.0.1:8080\"",
+                self.listen.http
+            ));
+        }
+        if self.control_plane.file.as_os_str().is_empty() {
+            problems.push("control_plane.file: must name a snapshot file".to_owned());
+        }
+        positive(
+            &mut problems,
+            "control_plane.poll_interval",
+            self.control_plane.poll_interval,
+        );
+        self.validate_pools(&mut problems);
+        let l = &self.limits;
+        if !(1..=1 << 30).contains(&l.max_body_bytes) {
+            problems.push("limits.max_body_bytes: must be between 1 and 1073741824".to_owned());
+        }
+        if !(8192..=1 << 20).contains(&l.max_header_bytes) {
+            problems.push("limits.max_header_bytes: must be between 8192 and 1048576".to_owned());
+        }
+        if !(1..=1_000_000).contains(&l.max_connections) {
+            problems.push("limits.max_connections: must be between 1 and 1000000".to_owned());
+        }
+        let t = &self.timeouts;
+        for (name, d) in [
+            ("timeouts.client_header", t.client_header),
+            ("timeouts.client_body", t.client_body),
+            ("timeouts.upstream_connect", t.upstream_connect),
+            ("timeouts.upstream_first_byte", t.upstream_first_byte),
+            ("timeouts.upstream_idle", t.upstream_idle),
+        ] {
+            positive(&mut problems, name, d);
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(problems))
+        }
+    }
+
+    fn validate_pools(&self, problems: &mut Vec<String>) {
+        let mut names = HashSet::new();
+        let mut models = HashSet::new();
+        for (i, pool) in self.pools.iter().enumerate() {
+            let at = format!("pools[{i}]");
+            if pool.name.is_empty() {
+                problems.push(format!("{at}.name: must not be empty"));
+            } else if !names.insert(pool.name.as_str()) {
+                problems.push(format!(
+                    "{at}.name: {:?} is used by another pool",
+                    pool.name
+                ));
+            }
+            if pool.base_models.is_empty() {
+                problems.push(format!("{at}.base_models: must name at least one model"));
+            }
+            for m in &pool.base_models {
+                if !models.insert(m.as_str()) {
+                    problems.push(format!("{at}.base_models: {m:?} is served by another pool"));
+                }
+            }
+            if pool.endpoints.is_empty() {
+                problems.push(format!("{at}.endpoints: must name at least one endpoint"));
+            }
+            for (j, e) in pool.endpoints.iter().enumerate() {
+                if let Err(why) = EndpointSpec::parse(e) {
+                    problems.push(format!("{at}.endpoints[{j}]: {e:?}: {why}"));
+                }
+            }
+            if pool.retries > 10 {
+                problems.push(format!("{at}.retries: at most 10"));
+            }
+            if pool.flavor == Flavor::LlamaCpp {
+                if pool.adapters.is_empty() {
+                    problems.push(format!(
+                        "{at}.adapters: a llamacpp pool needs the target id -> adapter id map"
+                    ));
+                }
+            } else if !pool.adapters.is_empty() {
+                problems.push(format!(
+                    "{at}.adapters: only a llamacpp pool takes adapters"
+                ));
+            }
+        }
+    }
+}
+
+fn positive(problems: &mut Vec<String>, name: &str, d: Duration) {
+    if d.is_zero() {
+        problems.push(format!("{name}: must be longer than zero"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, PathBuf::from("/etc/arkor"))
+    }
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.base_domains, ["arkor.app"]);
+        assert_eq!(c.http_addr(), Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(c.limits.max_body_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.timeouts.upstream_first_byte, Duration::from_secs(120));
+        assert_eq!(
+            c.resolve(&c.control_plane.file),
+            Path::new("/etc/arkor/deployments.json")
+        );
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = parse(
+            r#"
+base_domains = ["arkor.app", "Localhost."]
+[listen]
+http = "0.0.0.0:80"
+[control_plane]
+file = "/srv/d.json"
+poll_interval = "250ms"
+[[pools]]
+name = "llama"
+base_models = ["meta-llama/Llama-2-7b-hf"]
+endpoints = ["http://10.0.0.5:8000", "h2c://10.0.0.6:8000/prefix"]
+retries = 1
+flavor = "vllm"
+[[pools]]
+name = "demo"
+base_models = ["demo/echo"]
+endpoints = ["builtin:echo"]
+[limits]
+max_body_bytes = 1024
+[timeouts]
+upstream_idle = "2m 30s"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.normalised_base_domains(), ["arkor.app", "localhost"]);
+        assert_eq!(c.pools[0].retries, 1);
+        assert_eq!(c.pools[0].flavor, Flavor::Vllm);
+        assert_eq!(c.pools[1].retries, 2);
+        assert_eq!(c.pools[1].flavor, Flavor::OpenAi);
+        assert_eq!(c.control_plane.poll_interval, Duration::from_millis(250));
+        assert_eq!(c.resolve(&c.control_plane.file), Path::new("/srv/d.json"));
+        assert_eq!(c.timeouts.upstream_idle, Duration::from_secs(150));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let e = parse("[limits]\nmax_bodybytes = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_bodybytes"), "{e}");
+        let e = parse("colour = 1\n").unwrap_err().to_string();
+        assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_by_name() {
+        let e = parse("[timeouts]\nclient_header = \"ten seconds\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("client_header"), "{e}");
+        let e = parse("[[pools]]\nname = \"p\"\nbase_models = [\"m\"]\nendpoints = [\"b\"]\nflavor = \"tgi\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tgi"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let e = parse(
+            r#"
+base_domains = ["*.bad"]
+[listen]
+http = "nowhere"
+[[pools]]
+name = "a"
+base_models = ["m"]
+endpoints = ["ftp://x", "http://"]
+retries = 99
+[[pools]]
+name = "a"
+base_models = ["m"]
+endpoints = []
+[limits]
+max_header_bytes = 10
+[timeouts]
+upstream_connect = "0s"
+"#,
+        )
+        .unwrap_err();
+        let all = e.to_string();
+        for needle in [
+            "base_domains[0]",
+            "listen.http",
+            "pools[0].endpoints[0]",
+            "pools[0].endpoints[1]",
+            "pools[0].retries",
+            "pools[1].name",
+            "pools[1].base_models",
+            "pools[1].endpoints",
+            "limits.max_header_bytes",
+            "timeouts.upstream_connect",
+        ] {
+            assert!(all.contains(needle), "missing {needle} in:\n{all}");
+        }
+        assert_eq!(e.0.len(), 10, "{all}");
+    }
+
+    #[test]
+    fn llamacpp_needs_its_adapter_map() {
+        let base = "[[pools]]\nname = \"p\"\nbase_models = [\"m\"]\nendpoints = [\"http://127.0.0.1:1\"]\n";
+        let e = parse(&format!("{base}flavor = \"llamacpp\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pools[0].adapters"), "{e}");
+        let ok = parse(&format!(
+            "{base}flavor = \"llamacpp\"\nadapters = {{ \"job-1\" = 0 }}\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.pools[0].adapters["job-1"], 0);
+        let e = parse(&format!("{base}adapters = {{ \"job-1\" = 0 }}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only a llamacpp pool"), "{e}");
+    }
+}

@@ -1,0 +1,444 @@
+//! Model pinning: the body a backend receives names exactly the deployment's model.
+//!
+//! This is a security boundary. Many tenants' adapters share one backend, and the backend reads
+//! the body with its own JSON parser, so the edge must leave no room for two parsers to disagree:
+//!
+//! * the whole body must be one strictly valid JSON document (RFC 8259: UTF-8, no BOM, no comments,
+//!   no trailing commas, no `NaN`, no lone surrogates, no trailing data) whose top level is an
+//!   object; anything else is refused with 400, so a lenient backend parser never sees input this
+//!   scanner read differently;
+//! * every top-level member whose key *decodes* to an owned name (`"model"`, `"m\u006fdel"`, each
+//!   duplicate) is cut out, whatever its value type, and the edge's own member is inserted first;
+//! * a key that matches an owned name only case-insensitively (`"Model"`, read as `model` by
+//!   case-insensitive parsers) or only up to an escaped NUL (`"model\u0000"`, read as `model` by
+//!   C-string parsers) is refused rather than guessed about.
+//!
+//! The output is a list of [`Bytes`] slices of the client's body around the cuts, plus the
+//! pre-rendered owned members: no tree, no re-serialisation, no copy of the client's bytes.
+
+use bytes::Bytes;
+
+use crate::error::BodyProblem;
+
+/// Deepest nesting accepted (serde_json's default recursion limit is 128 too).
+pub const MAX_DEPTH: usize = 128;
+/// Most owned members one body may carry before it is refused as an attack.
+pub const MAX_OWNED_OCCURRENCES: usize = 64;
+
+/// A pinned body, ready to send: slices of the client's bytes and the edge's members.
+#[derive(Debug, Clone)]
+pub struct Pinned {
+    /// The body, in order. Concatenated, it is the pinned JSON document.
+    pub chunks: Vec<Bytes>,
+    /// Total length of `chunks`.
+    pub len: usize,
+    /// Whether the (last) top-level `stream` member is `true`.
+    pub stream: bool,
+}
+
+impl Pinned {
+    /// The body as one buffer (copies; for in-process backends and tests).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len);
+        for c in &self.chunks {
+            out.extend_from_slice(c);
+        }
+        out
+    }
+}
+
+/// Pins `body`: removes every top-level member named in `owned` and inserts `members` (the
+/// edge's rendered members, e.g. `"model":"acme"`, never empty) right after the opening brace.
+pub fn pin(body: &Bytes, owned: &[&str], members: &Bytes) -> Result<Pinned, BodyProblem> {
+    let scan = scan(body, owned)?;
+    let mut chunks = Vec::with_capacity(4 + scan.cuts.len());
+    chunks.push(body.slice(..scan.open + 1));
+    chunks.push(members.clone());
+    // The first original member keeps no comma of its own in front; give it one.
+    if scan.members > 0 && !scan.first_cut {
+        chunks.push(Bytes::from_static(b","));
+    }
+    let mut at = scan.open + 1;
+    for (start, end) in scan.cuts {
+        if start > at {
+            chunks.push(body.slice(at..start));
+        }
+        at = end;
+    }
+    chunks.push(body.slice(at..));
+    let len = chunks.iter().map(Bytes::len).sum();
+    Ok(Pinned {
+        chunks,
+        len,
+        stream: scan.stream,
+    })
+}
+
+/// What one pass over the body found.
+struct Scan {
+    /// Offset of the top-level `{`.
+    open: usize,
+    /// Number of top-level members.
+    members: usize,
+    /// Byte ranges to cut: each owned member with the separator before it.
+    cuts: Vec<(usize, usize)>,
+    /// Whether the first member is cut (then the next member brings its own comma).
+    first_cut: bool,
+    stream: bool,
+}
+
+/// How a decoded key relates to an owned name.
+#[derive(Debug, PartialEq, Eq)]
+enum KeyMatch {
+    No,
+    Exact,
+    Ambiguous,
+}
+
+fn scan(b: &[u8], owned: &[&str]) -> Result<Scan, BodyProblem> {
+    // One UTF-8 check up front; afterwards any byte >= 0x80 inside a string is known valid.
+    if std::str::from_utf8(b).is_err() {
+        return Err(BodyProblem::NotJson);
+    }
+    let mut s = Scanner { b, i: 0 };
+    s.ws();
+    if s.peek() != Some(b'{') {
+        // Tell "valid JSON, wrong type" from "not JSON" for a better message.
+        s.value(0)?;
+        s.ws();
+        return Err(if s.i == b.len() {
+            BodyProblem::NotObject
+        } else {
+            BodyProblem::NotJson
+        });
+    }
+    let open = s.i;
+    s.i += 1;
+    let mut out = Scan {
+        open,
+        members: 0,
+        cuts: Vec::new(),
+        first_cut: false,
+        stream: false,
+    };
+    let mut prev_end = open + 1;
+    s.ws();
+    if s.peek() == Some(b'}') {
+        s.i += 1;
+    } else {
+        loop {
+            s.expect(b'"')?;
+            let (key_start, key_end) = s.string()?;
+            let key = &b[key_start..key_end];
+            s.ws();
+            s.expect(b':')?;
+            s.ws();
+            let value_start = s.i;
+            s.value(1)?;
+            let value_end = s.i;
+
+            let mut is_owned = false;
+            for name in owned {
+                match key_match(key, name) {
+                    KeyMatch::Exact => is_owned = true,
+                    KeyMatch::Ambiguous => return Err(BodyProblem::AmbiguousMember),
+                    KeyMatch::No => {}
+                }
+            }
+            if is_owned {
+                if out.cuts.len() == MAX_OWNED_OCCURRENCES {
+                    return Err(BodyProblem::AmbiguousMember);
+                }
+                out.cuts.push((prev_end, value_end));
+                out.first_cut |= out.members == 0;
+            } else if key == b"stream" {
+                out.stream = &b[value_start..value_end] == b"true";
+            }
+            out.members += 1;
+            prev_end = value_end;
+
+            s.ws();
+            match s.bump() {
+                Some(b',') => s.ws(),
+                Some(b'}') => break,
+                _ => return Err(BodyProblem::NotJson),
+            }
+        }
+    }
+    s.ws();
+    if s.i != b.len() {
+        return Err(BodyProblem::NotJson);
+    }
+    Ok(out)
+}
+
+/// Compares a raw (still escaped) key with an ASCII name, decoding as it goes.
+fn key_match(raw: &[u8], name: &str) -> KeyMatch {
+    let name = name.as_bytes();
+    let mut exact = true;
+    let mut folded = true;
+    let mut n = 0; // decoded characters so far
+    // Whether the decoded key up to its first NUL equals the name, ignoring case.
+    let mut before_nul = false;
+    let mut seen_nul = false;
+    let mut i = 0;
+    while i < raw.len() {
+        let (ch, used) = match raw[i] {
+            b'\\' => decode_escape(&raw[i + 1..]),
+            c => (u32::from(c), 1),
+        };
+        i += used;
+        if ch == 0 && !seen_nul {
+            seen_nul = true;
+            before_nul = folded && n == name.len();
+        }
+        match (name.get(n), u8::try_from(ch)) {
+            (Some(e), Ok(c)) if c.is_ascii() => {
+                exact &= c == *e;
+                folded &= c.eq_ignore_ascii_case(e);
+            }
+            _ => {
+                exact = false;
+                folded = false;
+            }
+        }
+        n += 1;
+    }
+    if n != name.len() {
+        exact = false;
+        folded = false;
+    }
+    if exact {
+        KeyMatch::Exact
+    } else if folded || before_nul {
+        KeyMatch::Ambiguous
+    } else {
+        KeyMatch::No
+    }
+}
+
+/// Decodes one escape of an already validated string (`rest` starts after the backslash).
+/// Returns the code point (surrogate pairs combined) and the bytes used including the backslash.
+fn decode_escape(rest: &[u8]) -> (u32, usize) {
+    match rest.first() {
+        Some(b'u') => {
+            let hi = hex4(&rest[1..]).unwrap_or(0xFFFD);
+            if (0xD800..0xDC00).contains(&hi) {
+                // Validated: a low surrogate escape follows.
+                let lo = hex4(&rest[7..]).unwrap_or(0xDC00);
+                (0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00), 12)
+            } else {
+                (hi, 6)
+            }
+        }
+        Some(b'b') => (0x08, 2),
+        Some(b'f') => (0x0C, 2),
+        Some(b'n') => (u32::from(b'\n'), 2),
+        Some(b'r') => (u32::from(b'\r'), 2),
+        Some(b't') => (u32::from(b'\t'), 2),
+        Some(&c) => (u32::from(c), 2),
+        None => (0xFFFD, 1),
+    }
+}
+
+fn hex4(b: &[u8]) -> Option<u32> {
+    let digits = b.get(..4)?;
+    let mut v = 0u32;
+    for &d in digits {
+        v = (v << 4) | char::from(d).to_digit(16)?;
+    }
+    Some(v)
+}
+
+/// A strict RFC 8259 reader over bytes already known to be UTF-8.
+struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl Scanner<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn bump(&mut self) -> Option<u8> {
+        let c = self.peek()?;
+        self.i += 1;
+        Some(c)
+    }
+
+    fn expect(&mut self, c: u8) -> Result<(), BodyProblem> {
+        if self.bump() == Some(c) {
+            Ok(())
+        } else {
+            Err(BodyProblem::NotJson)
+        }
+    }
+
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    /// Reads one value of any type, iteratively, at nesting `depth` (0 for the document).
+    fn value(&mut self, depth: usize) -> Result<(), BodyProblem> {
+        // true = object, false = array; bounded by MAX_DEPTH.
+        let mut stack = [false; MAX_DEPTH];
+        let mut top = 0usize;
+        'value: loop {
+            self.ws();
+            match self.bump() {
+                Some(open @ (b'{' | b'[')) => {
+                    if depth + top + 1 > MAX_DEPTH {
+                        return Err(BodyProblem::TooDeep);
+                    }
+                    let close = if open == b'{' { b'}' } else { b']' };
+                    self.ws();
+                    if self.peek() == Some(close) {
+                        self.i += 1;
+                    } else {
+                        stack[top] = open == b'{';
+                        top += 1;
+                        if open == b'{' {
+                            self.member_key()?;
+                        }
+                        continue 'value;
+                    }
+                }
+                Some(b'"') => {
+                    self.string()?;
+                }
+                Some(b't') => self.literal(b"rue")?,
+                Some(b'f') => self.literal(b"alse")?,
+                Some(b'n') => self.literal(b"ull")?,
+                Some(c @ (b'-' | b'0'..=b'9')) => self.number(c)?,
+                _ => return Err(BodyProblem::NotJson),
+            }
+            // A value is complete: close containers until one expects another element.
+            loop {
+                if top == 0 {
+                    return Ok(());
+                }
+                self.ws();
+                let in_object = stack[top - 1];
+                match self.bump() {
+                    Some(b',') => {
+                        if in_object {
+                            self.ws();
+                            self.member_key()?;
+                        }
+                        continue 'value;
+                    }
+                    Some(b'}') if in_object => top -= 1,
+                    Some(b']') if !in_object => top -= 1,
+                    _ => return Err(BodyProblem::NotJson),
+                }
+            }
+        }
+    }
+
+    /// `"key" :` inside a nested object.
+    fn member_key(&mut self) -> Result<(), BodyProblem> {
+        self.expect(b'"')?;
+        self.string()?;
+        self.ws();
+        self.expect(b':')
+    }
+
+    fn literal(&mut self, rest: &[u8]) -> Result<(), BodyProblem> {
+        if self.b[self.i..].starts_with(rest) {
+            self.i += rest.len();
+            Ok(())
+        } else {
+            Err(BodyProblem::NotJson)
+        }
+    }
+
+    /// A number whose first byte (`-` or a digit) was already read.
+    fn number(&mut self, first: u8) -> Result<(), BodyProblem> {
+        let lead = if first == b'-' {
+            self.bump().ok_or(BodyProblem::NotJson)?
+        } else {
+            first
+        };
+        match lead {
+            b'0' => {}
+            b'1'..=b'9' => {
+                self.digits();
+            }
+            _ => return Err(BodyProblem::NotJson),
+        }
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            if self.digits() == 0 {
+                return Err(BodyProblem::NotJson);
+            }
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.i += 1;
+            }
+            if self.digits() == 0 {
+                return Err(BodyProblem::NotJson);
+            }
+        }
+        Ok(())
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.i;
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.i += 1;
+        }
+        self.i - start
+    }
+
+    /// A string whose opening quote was already read. Returns the raw content's range.
+    fn string(&mut self) -> Result<(usize, usize), BodyProblem> {
+        let start = self.i;
+        loop {
+            match self.bump() {
+                Some(b'"') => return Ok((start, self.i - 1)),
+                Some(b'\\') => self.escape()?,
+                Some(c) if c < 0x20 => return Err(BodyProblem::NotJson),
+                Some(_) => {}
+                None => return Err(BodyProblem::NotJson),
+            }
+        }
+    }
+
+    /// One escape after its backslash; surrogates must come in proper pairs.
+    fn escape(&mut self) -> Result<(), BodyProblem> {
+        match self.bump() {
+            Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Ok(()),
+            Some(b'u') => {
+                let unit = self.hex4()?;
+                if (0xDC00..0xE000).contains(&unit) {
+                    return Err(BodyProblem::NotJson);
+                }
+                if (0xD800..0xDC00).contains(&unit) {
+                    self.expect(b'\\')?;
+                    self.expect(b'u')?;
+                    let low = self.hex4()?;
+                    if !(0xDC00..0xE000).contains(&low) {
+                        return Err(BodyProblem::NotJson);
+                    }
+                }
+                Ok(())
+            }
+            _ => Err(BodyProblem::NotJson),
+        }
+    }
+
+    fn hex4(&mut self) -> Result<u32, BodyProblem> {
+        let v = hex4(&self.b[self.i..]).ok_or(BodyProblem::NotJson)?;
+        self.i += 4;
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+#[path = "pin_tests.rs"]
+mod tests;

@@ -1,0 +1,333 @@
+//! Backend pools: endpoints from config, the pool of a base model, the endpoint pick, and how
+//! each server flavour is told which model or adapter to use.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use serde::Deserialize;
+
+use crate::config::PoolConfig;
+use crate::error::EdgeError;
+
+/// How a pool's servers select a model or adapter, and so which body members the edge owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavor {
+    /// Plain OpenAI-compatible: `model` selects.
+    #[default]
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// vLLM: `model` is the LoRA module name or the base model.
+    Vllm,
+    /// SGLang: `model`, and a `lora_path` member that the edge removes.
+    Sglang,
+    /// llama.cpp `llama-server`: a `lora` array of adapter ids and scales.
+    #[serde(rename = "llamacpp")]
+    LlamaCpp,
+}
+
+impl Flavor {
+    /// Top-level body members the edge owns on this flavour: removed from the client's body,
+    /// and (for those the edge sets) written by the edge.
+    pub fn owned_members(self) -> &'static [&'static str] {
+        match self {
+            Flavor::OpenAi | Flavor::Vllm => &["model"],
+            Flavor::Sglang => &["model", "lora_path"],
+            Flavor::LlamaCpp => &["model", "lora"],
+        }
+    }
+}
+
+/// A parsed endpoint string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointSpec {
+    /// The in-process echo backend; optional pause between streamed words.
+    Echo { word_delay: Option<Duration> },
+    /// A remote server over HTTP/1.1 (`http://`) or h2c prior knowledge (`h2c://`).
+    Http {
+        authority: Authority,
+        prefix: String,
+        h2c: bool,
+    },
+}
+
+impl EndpointSpec {
+    /// Parses `builtin:echo[?word_delay=30ms]`, `http://host:port[/prefix]`, `h2c://host:port[/prefix]`.
+    pub fn parse(s: &str) -> Result<EndpointSpec, String> {
+        if let Some(rest) = s.strip_prefix("builtin:echo") {
+            let word_delay = match rest {
+                "" => None,
+                _ => {
+                    let d = rest
+                        .strip_prefix("?word_delay=")
+                        .ok_or("the echo endpoint takes only ?word_delay=<duration>")?;
+                    Some(humantime::parse_duration(d).map_err(|e| e.to_string())?)
+                }
+            };
+            return Ok(EndpointSpec::Echo { word_delay });
+        }
+        let (h2c, rest) = if let Some(r) = s.strip_prefix("http://") {
+            (false, r)
+        } else if let Some(r) = s.strip_prefix("h2c://") {
+            (true, r)
+        } else {
+            return Err("expected builtin:echo, http://… or h2c://…".to_owned());
+        };
+        let uri: Uri = format!("http://{rest}")
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+        let authority = uri.authority().cloned().ok_or("no host")?;
+        if authority.host().is_empty() || authority.as_str().contains('@') {
+            return Err("expected host:port".to_owned());
+        }
+        if uri.query().is_some() {
+            return Err("a query is not allowed".to_owned());
+        }
+        let prefix = uri.path().trim_end_matches('/').to_owned();
+        Ok(EndpointSpec::Http {
+            authority,
+            prefix,
+            h2c,
+        })
+    }
+}
+
+/// One backend endpoint, ready to address.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The endpoint as configured, for logs.
+    pub label: Box<str>,
+    /// What it is.
+    pub spec: EndpointSpec,
+}
+
+impl Endpoint {
+    /// The upstream URI for an operation path like `/v1/chat/completions`.
+    pub fn uri(&self, path: &'static str) -> Option<Uri> {
+        let EndpointSpec::Http {
+            authority, prefix, ..
+        } = &self.spec
+        else {
+            return None;
+        };
+        let pq = if prefix.is_empty() {
+            PathAndQuery::from_static(path)
+        } else {
+            PathAndQuery::try_from(format!("{prefix}{path}")).ok()?
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(authority.clone());
+        parts.path_and_query = Some(pq);
+        Uri::from_parts(parts).ok()
+    }
+}
+
+/// A pool of endpoints serving the same base models.
+#[derive(Debug)]
+pub struct Pool {
+    /// Name from config.
+    pub name: Box<str>,
+    /// Endpoints, in config order.
+    pub endpoints: Vec<Endpoint>,
+    /// Extra attempts allowed before any request byte was sent.
+    pub retries: u32,
+    /// How targets are expressed upstream.
+    pub flavor: Flavor,
+    /// llama.cpp adapter ids by target id.
+    pub adapters: BTreeMap<String, u32>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    /// The endpoints to try for one request, in order: round robin for the first, then the
+    /// following ones for retries (each endpoint at most once).
+    pub fn attempts(&self) -> impl Iterator<Item = &Endpoint> {
+        let n = self.endpoints.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let tries = 1 + (self.retries as usize).min(n.saturating_sub(1));
+        (0..tries).map(move |k| &self.endpoints[(start + k) % n])
+    }
+
+    /// The members the edge writes into the body for `target_id`, e.g. `"model":"job-1"`.
+    /// Fails when the pool cannot express the target (a llama.cpp adapter missing from the map).
+    pub fn render_members(&self, target_id: &str, is_adapter: bool) -> Result<Bytes, EdgeError> {
+        let mut out = String::from("\"model\":");
+        out.push_str(&serde_json::Value::from(target_id).to_string());
+        if self.flavor == Flavor::LlamaCpp {
+            let chosen = if is_adapter {
+                Some(*self.adapters.get(target_id).ok_or(EdgeError::NoPool)?)
+            } else {
+                None
+            };
+            out.push_str(",\"lora\":[");
+            // Every adapter of the map is listed, so server-wide scales never leak one in.
+            let mut ids: Vec<u32> = self.adapters.values().copied().collect();
+            ids.sort_unstable();
+            ids.dedup();
+            for (i, id) in ids.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                let scale = if Some(*id) == chosen { "1.0" } else { "0.0" };
+                out.push_str(&format!("{{\"id\":{id},\"scale\":{scale}}}"));
+            }
+            out.push(']');
+        }
+        Ok(Bytes::from(out))
+    }
+}
+
+/// All pools, and the pool of each base model.
+#[derive(Debug, Default)]
+pub struct Pools {
+    by_model: HashMap<String, Arc<Pool>>,
+}
+
+impl Pools {
+    /// Builds pools from validated config.
+    pub fn from_config(pools: &[PoolConfig]) -> Result<Pools, String> {
+        let mut by_model = HashMap::new();
+        for p in pools {
+            let endpoints = p
+                .endpoints
+                .iter()
+                .map(|e| {
+                    EndpointSpec::parse(e).map(|spec| Endpoint {
+                        label: e.as_str().into(),
+                        spec,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("pool {}: {e}", p.name))?;
+            let pool = Arc::new(Pool {
+                name: p.name.as_str().into(),
+                endpoints,
+                retries: p.retries,
+                flavor: p.flavor,
+                adapters: p.adapters.clone(),
+                next: AtomicUsize::new(0),
+            });
+            for m in &p.base_models {
+                by_model.insert(m.clone(), Arc::clone(&pool));
+            }
+        }
+        Ok(Pools { by_model })
+    }
+
+    /// The pool serving a base model.
+    pub fn for_model(&self, base_model: &str) -> Option<&Arc<Pool>> {
+        self.by_model.get(base_model)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_specs() {
+        assert_eq!(
+            EndpointSpec::parse("builtin:echo"),
+            Ok(EndpointSpec::Echo { word_delay: None })
+        );
+        assert_eq!(
+            EndpointSpec::parse("builtin:echo?word_delay=30ms"),
+            Ok(EndpointSpec::Echo {
+                word_delay: Some(Duration::from_millis(30))
+            })
+        );
+        let EndpointSpec::Http {
+            authority,
+            prefix,
+            h2c,
+        } = EndpointSpec::parse("h2c://10.0.0.6:8000/openai/").unwrap()
+        else {
+            panic!("not http")
+        };
+        assert_eq!(authority.as_str(), "10.0.0.6:8000");
+        assert_eq!(prefix, "/openai");
+        assert!(h2c);
+        for bad in [
+            "builtin:echo?x=1",
+            "builtin:echoes",
+            "https://x:1",
+            "http://",
+            "http://u:p@h:1",
+            "http://h:1/?q=1",
+            "10.0.0.1:80",
+        ] {
+            assert!(EndpointSpec::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn pool(endpoints: &[&str], retries: u32, flavor: Flavor) -> Pool {
+        Pool {
+            name: "p".into(),
+            endpoints: endpoints
+                .iter()
+                .map(|e| Endpoint {
+                    label: (*e).into(),
+                    spec: EndpointSpec::parse(e).unwrap(),
+                })
+                .collect(),
+            retries,
+            flavor,
+            adapters: BTreeMap::from([("job-a".to_owned(), 0), ("job-b:step-5".to_owned(), 1)]),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    #[test]
+    fn attempts_rotate_and_never_repeat_an_endpoint() {
+        let p = pool(
+            &["http://a:1", "http://b:1", "http://c:1"],
+            2,
+            Flavor::OpenAi,
+        );
+        let labels = |p: &Pool| {
+            p.attempts()
+                .map(|e| e.label.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(labels(&p), ["http://a:1", "http://b:1", "http://c:1"]);
+        assert_eq!(labels(&p), ["http://b:1", "http://c:1", "http://a:1"]);
+        let single = pool(&["http://a:1"], 2, Flavor::OpenAi);
+        assert_eq!(labels(&single), ["http://a:1"]);
+        let none = pool(&["http://a:1", "http://b:1"], 0, Flavor::OpenAi);
+        assert_eq!(labels(&none).len(), 1);
+    }
+
+    #[test]
+    fn uri_keeps_the_prefix() {
+        let p = pool(&["http://h:8000/base"], 0, Flavor::OpenAi);
+        assert_eq!(
+            p.endpoints[0].uri("/v1/chat/completions").unwrap(),
+            "http://h:8000/base/v1/chat/completions"
+        );
+    }
+
+    #[test]
+    fn members_per_flavour() {
+        let p = pool(&["http://h:1"], 0, Flavor::Vllm);
+        assert_eq!(
+            p.render_members("job \"x\"", true).unwrap(),
+            r#""model":"job \"x\"""#
+        );
+        let l = pool(&["http://h:1"], 0, Flavor::LlamaCpp);
+        assert_eq!(
+            l.render_members("job-b:step-5", true).unwrap(),
+            r#""model":"job-b:step-5","lora":[{"id":0,"scale":0.0},{"id":1,"scale":1.0}]"#
+        );
+        assert_eq!(
+            l.render_members("base/model", false).unwrap(),
+            r#""model":"base/model","lora":[{"id":0,"scale":0.0},{"id":1,"scale":0.0}]"#
+        );
+        assert_eq!(l.render_members("job-c", true), Err(EdgeError::NoPool));
+        assert_eq!(Flavor::Sglang.owned_members(), ["model", "lora_path"]);
+    }
+}

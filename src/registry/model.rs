@@ -1,0 +1,240 @@
+//! Deployments and keys: the control plane's JSON shapes (SPEC §3, §4) and the resolved forms
+//! the request path reads.
+//!
+//! Everything a request needs from a deployment is computed once, when an event is applied: the
+//! upstream model and the body members that pin it, the pool, and the `GET /v1/models` answer.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::auth::KeyHash;
+use crate::error::EdgeError;
+use crate::host::Slug;
+use crate::proxy::pool::{Pool, Pools};
+
+/// How a deployment authenticates requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// A live key of this deployment is required.
+    FixedApiKey,
+    /// Anyone with the URL may call it.
+    None,
+}
+
+/// What a deployment serves, as the control plane sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TargetDoc {
+    /// A fine-tuned adapter: the job's final adapter, or one checkpoint.
+    #[serde(rename_all = "camelCase")]
+    Adapter {
+        job_id: String,
+        #[serde(default)]
+        checkpoint_step: Option<u64>,
+        base_model: String,
+    },
+    /// A base model.
+    #[serde(rename_all = "camelCase")]
+    BaseModel { base_model: String },
+}
+
+impl TargetDoc {
+    /// The target id, which is also the upstream `model`: base model name, `<jobId>`, or
+    /// `<jobId>:step-<N>`.
+    pub fn id(&self) -> String {
+        match self {
+            TargetDoc::Adapter {
+                job_id,
+                checkpoint_step: Some(step),
+                ..
+            } => format!("{job_id}:step-{step}"),
+            TargetDoc::Adapter { job_id, .. } => job_id.clone(),
+            TargetDoc::BaseModel { base_model } => base_model.clone(),
+        }
+    }
+
+    /// The base model, which chooses the pool.
+    pub fn base_model(&self) -> &str {
+        match self {
+            TargetDoc::Adapter { base_model, .. } | TargetDoc::BaseModel { base_model } => {
+                base_model
+            }
+        }
+    }
+}
+
+/// A deployment as the control plane sends it. Unknown fields are ignored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentDoc {
+    pub id: String,
+    pub slug: String,
+    pub enabled: bool,
+    pub auth_mode: AuthMode,
+    pub target: TargetDoc,
+    pub revision: u64,
+}
+
+/// An API key as the control plane sends it (hash only). Unknown fields are ignored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyDoc {
+    pub id: String,
+    pub deployment_id: String,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    pub sha256: String,
+    pub enabled: bool,
+    pub revision: u64,
+}
+
+/// Where a deployment's requests go, resolved against the configured pools.
+#[derive(Debug)]
+pub struct Upstream {
+    /// The pool that serves the deployment's base model.
+    pub pool: Arc<Pool>,
+    /// Top-level body members the edge owns on this pool's flavour.
+    pub owned: &'static [&'static str],
+    /// The members the edge writes, e.g. `"model":"<target id>"`.
+    pub members: Bytes,
+}
+
+/// A deployment, resolved for the request path.
+#[derive(Debug)]
+pub struct Deployment {
+    pub id: Box<str>,
+    pub slug: Slug,
+    pub enabled: bool,
+    pub auth_mode: AuthMode,
+    pub target: TargetDoc,
+    pub revision: u64,
+    /// Target id (the model clients see in `/v1/models`).
+    pub target_id: Box<str>,
+    /// The pool and pinned members, or why the deployment cannot be served (503).
+    pub upstream: Result<Upstream, EdgeError>,
+    /// The `GET /v1/models` body, rendered once.
+    pub models_body: Bytes,
+}
+
+impl Deployment {
+    /// Validates and resolves a control-plane document.
+    pub fn resolve(doc: DeploymentDoc, pools: &Pools) -> Result<Deployment, String> {
+        let slug = Slug::parse(doc.slug.as_bytes())
+            .filter(|s| s.as_str() == doc.slug)
+            .ok_or_else(|| format!("deployment {}: slug {:?} is not servable", doc.id, doc.slug))?;
+        if doc.id.is_empty() {
+            return Err("deployment with an empty id".to_owned());
+        }
+        let target_id = doc.target.id();
+        if target_id.is_empty() {
+            return Err(format!("deployment {}: empty target", doc.id));
+        }
+        let is_adapter = matches!(doc.target, TargetDoc::Adapter { .. });
+        let upstream = match pools.for_model(doc.target.base_model()) {
+            None => Err(EdgeError::NoPool),
+            Some(pool) => pool
+                .render_members(&target_id, is_adapter)
+                .map(|members| Upstream {
+                    pool: Arc::clone(pool),
+                    owned: pool.flavor.owned_members(),
+                    members,
+                }),
+        };
+        let models_body = Bytes::from(
+            serde_json::json!({
+                "object": "list",
+                "data": [{"id": target_id, "object": "model", "created": 0, "owned_by": "arkor"}],
+            })
+            .to_string(),
+        );
+        Ok(Deployment {
+            id: doc.id.into(),
+            slug,
+            enabled: doc.enabled,
+            auth_mode: doc.auth_mode,
+            target: doc.target,
+            revision: doc.revision,
+            target_id: target_id.into(),
+            upstream,
+            models_body,
+        })
+    }
+}
+
+/// An API key, resolved for the request path: never the plaintext.
+#[derive(Debug)]
+pub struct ApiKey {
+    pub id: Box<str>,
+    pub deployment_id: Box<str>,
+    pub hash: KeyHash,
+    pub enabled: bool,
+    pub revision: u64,
+}
+
+impl ApiKey {
+    /// Validates a control-plane key document.
+    pub fn resolve(doc: KeyDoc) -> Result<ApiKey, String> {
+        let hash = KeyHash::from_hex(&doc.sha256)
+            .ok_or_else(|| format!("key {}: sha256 is not 64 lower-case hex digits", doc.id))?;
+        if doc.id.is_empty() || doc.deployment_id.is_empty() {
+            return Err("key with an empty id or deploymentId".to_owned());
+        }
+        Ok(ApiKey {
+            id: doc.id.into(),
+            deployment_id: doc.deployment_id.into(),
+            hash,
+            enabled: doc.enabled,
+            revision: doc.revision,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_ids_follow_the_spec() {
+        let t: TargetDoc = serde_json::from_str(
+            r#"{"type":"adapter","jobId":"4b2e","checkpointStep":42,"baseModel":"m"}"#,
+        )
+        .unwrap();
+        assert_eq!(t.id(), "4b2e:step-42");
+        let t: TargetDoc = serde_json::from_str(
+            r#"{"type":"adapter","jobId":"4b2e","checkpointStep":null,"baseModel":"m"}"#,
+        )
+        .unwrap();
+        assert_eq!(t.id(), "4b2e");
+        let t: TargetDoc =
+            serde_json::from_str(r#"{"type":"adapter","jobId":"4b2e","baseModel":"m"}"#).unwrap();
+        assert_eq!(t.id(), "4b2e");
+        let t: TargetDoc =
+            serde_json::from_str(r#"{"type":"base_model","baseModel":"meta/x","extra":1}"#)
+                .unwrap();
+        assert_eq!(t.id(), "meta/x");
+        assert_eq!(t.base_model(), "meta/x");
+    }
+
+    #[test]
+    fn resolve_refuses_unservable_slugs_and_marks_missing_pools() {
+        let doc = |slug: &str| -> DeploymentDoc {
+            serde_json::from_value(serde_json::json!({
+                "id": "d1", "slug": slug, "enabled": true, "authMode": "none",
+                "target": {"type": "base_model", "baseModel": "nowhere"}, "revision": 1,
+                "futureField": {"ignored": true}
+            }))
+            .unwrap()
+        };
+        let pools = Pools::default();
+        assert!(Deployment::resolve(doc("www"), &pools).is_err());
+        assert!(Deployment::resolve(doc("Acme"), &pools).is_err());
+        assert!(Deployment::resolve(doc("a"), &pools).is_err());
+        let d = Deployment::resolve(doc("acme"), &pools).unwrap();
+        assert_eq!(d.upstream.as_ref().err(), Some(&EdgeError::NoPool));
+        let models: serde_json::Value = serde_json::from_slice(&d.models_body).unwrap();
+        assert_eq!(models["data"][0]["id"], "nowhere");
+    }
+}

@@ -1,0 +1,257 @@
+//! Revision rules of the registry.
+
+use super::*;
+use serde_json::json;
+
+fn registry() -> Registry {
+    Registry::new(Arc::new(Pools::default()))
+}
+
+fn slug(s: &str) -> Slug {
+    Slug::parse(s.as_bytes()).unwrap()
+}
+
+fn upsert_dep(revision: u64, id: &str, slug: &str, enabled: bool) -> Vec<u8> {
+    json!({"revision": revision, "op": "upsert_deployment", "deployment": {
+        "id": id, "slug": slug, "enabled": enabled, "authMode": "fixed_api_key",
+        "target": {"type": "base_model", "baseModel": "m"}, "revision": revision}})
+    .to_string()
+    .into_bytes()
+}
+
+fn upsert_key(revision: u64, id: &str, dep: &str, plaintext: &str, enabled: bool) -> Vec<u8> {
+    json!({"revision": revision, "op": "upsert_key", "key": {
+        "id": id, "deploymentId": dep, "prefix": &plaintext[..12],
+        "sha256": KeyHash::of(plaintext.as_bytes()).to_hex(), "enabled": enabled,
+        "revision": revision}})
+    .to_string()
+    .into_bytes()
+}
+
+fn delete(revision: u64, op: &str, id: &str) -> Vec<u8> {
+    json!({"revision": revision, "op": op, "id": id})
+        .to_string()
+        .into_bytes()
+}
+
+const KEY: &str = "ark_live_aaaaaaaaaaaaaaaaaaaaaaaa";
+
+#[test]
+fn upsert_is_idempotent_and_never_goes_back() {
+    let r = registry();
+    assert_eq!(
+        r.apply_json_event(&upsert_dep(5, "d1", "acme", true)),
+        Applied::Changed
+    );
+    assert_eq!(
+        r.apply_json_event(&upsert_dep(5, "d1", "acme", true)),
+        Applied::Stale
+    );
+    assert_eq!(
+        r.apply_json_event(&upsert_dep(4, "d1", "acme", false)),
+        Applied::Stale
+    );
+    assert!(r.deployment(&slug("acme")).unwrap().enabled);
+    assert_eq!(
+        r.apply_json_event(&upsert_dep(6, "d1", "acme", false)),
+        Applied::Changed
+    );
+    assert!(!r.deployment(&slug("acme")).unwrap().enabled);
+    assert_eq!(r.revision(), 6);
+}
+
+#[test]
+fn slug_change_moves_the_deployment() {
+    let r = registry();
+    r.apply_json_event(&upsert_dep(1, "d1", "old-name", true));
+    r.apply_json_event(&upsert_dep(2, "d1", "new-name", true));
+    assert!(r.deployment(&slug("old-name")).is_none());
+    assert_eq!(&*r.deployment(&slug("new-name")).unwrap().id, "d1");
+    assert_eq!(r.counts(), (1, 0));
+}
+
+#[test]
+fn newer_claim_on_a_slug_wins_older_is_refused() {
+    let r = registry();
+    r.apply_json_event(&upsert_dep(5, "d1", "acme", true));
+    assert!(matches!(
+        r.apply_json_event(&upsert_dep(3, "d2", "acme", true)),
+        Applied::Rejected(_)
+    ));
+    assert_eq!(&*r.deployment(&slug("acme")).unwrap().id, "d1");
+    assert_eq!(
+        r.apply_json_event(&upsert_dep(7, "d2", "acme", true)),
+        Applied::Changed
+    );
+    assert_eq!(&*r.deployment(&slug("acme")).unwrap().id, "d2");
+    assert_eq!(r.counts(), (1, 0));
+}
+
+#[test]
+fn delete_leaves_a_tombstone() {
+    let r = registry();
+    r.apply_json_event(&upsert_dep(1, "d1", "acme", true));
+    assert_eq!(
+        r.apply_json_event(&delete(3, "delete_deployment", "d1")),
+        Applied::Changed
+    );
+    assert!(r.deployment(&slug("acme")).is_none());
+    // A late upsert older than the delete cannot bring it back …
+    assert_eq!(
+        r.apply_json_event(&upsert_dep(2, "d1", "acme", true)),
+        Applied::Stale
+    );
+    assert!(r.deployment(&slug("acme")).is_none());
+    // … a newer one can.
+    assert_eq!(
+        r.apply_json_event(&upsert_dep(4, "d1", "acme", true)),
+        Applied::Changed
+    );
+    assert!(r.deployment(&slug("acme")).is_some());
+    // A delete older than the object is stale.
+    assert_eq!(
+        r.apply_json_event(&delete(3, "delete_deployment", "d1")),
+        Applied::Stale
+    );
+    assert!(r.deployment(&slug("acme")).is_some());
+}
+
+#[test]
+fn delete_before_upsert_still_wins() {
+    let r = registry();
+    assert_eq!(
+        r.apply_json_event(&delete(9, "delete_key", "k1")),
+        Applied::Stale
+    );
+    assert_eq!(
+        r.apply_json_event(&upsert_key(8, "k1", "d1", KEY, true)),
+        Applied::Stale
+    );
+    assert!(r.key(&KeyHash::of(KEY.as_bytes())).is_none());
+}
+
+#[test]
+fn keys_follow_revisions_and_hash_changes() {
+    let r = registry();
+    let h = KeyHash::of(KEY.as_bytes());
+    assert_eq!(
+        r.apply_json_event(&upsert_key(1, "k1", "d1", KEY, true)),
+        Applied::Changed
+    );
+    assert!(r.key(&h).unwrap().enabled);
+    assert_eq!(
+        r.apply_json_event(&upsert_key(2, "k1", "d1", KEY, false)),
+        Applied::Changed
+    );
+    assert!(!r.key(&h).unwrap().enabled);
+    assert_eq!(
+        r.apply_json_event(&upsert_key(1, "k1", "d1", KEY, true)),
+        Applied::Stale
+    );
+    assert!(!r.key(&h).unwrap().enabled);
+    let other = "ark_live_bbbbbbbbbbbbbbbbbbbbbbbb";
+    r.apply_json_event(&upsert_key(3, "k1", "d1", other, true));
+    assert!(r.key(&h).is_none());
+    assert!(r.key(&KeyHash::of(other.as_bytes())).is_some());
+    r.apply_json_event(&delete(4, "delete_key", "k1"));
+    assert!(r.key(&KeyHash::of(other.as_bytes())).is_none());
+}
+
+#[test]
+fn malformed_events_are_rejected_alone() {
+    let r = registry();
+    for bad in [
+        &b"not json"[..],
+        br#"{"revision":1,"op":"explode"}"#,
+        br#"{"revision":1,"op":"upsert_deployment","deployment":{"id":"d"}}"#,
+        br#"{"op":"delete_key","id":"k"}"#,
+    ] {
+        assert!(matches!(r.apply_json_event(bad), Applied::Rejected(_)));
+    }
+    let bad_hash = json!({"revision": 2, "op": "upsert_key", "key": {"id": "k", "deploymentId": "d",
+        "sha256": "XYZ", "enabled": true, "revision": 2}});
+    assert!(matches!(
+        r.apply_json_event(bad_hash.to_string().as_bytes()),
+        Applied::Rejected(_)
+    ));
+    assert_eq!(r.revision(), 0);
+    assert_eq!(
+        r.apply_json_event(&upsert_dep(3, "d1", "acme", true)),
+        Applied::Changed
+    );
+}
+
+fn snapshot(revision: u64, deployments: serde_json::Value, keys: serde_json::Value) -> Vec<u8> {
+    json!({"revision": revision, "deployments": deployments, "keys": keys})
+        .to_string()
+        .into_bytes()
+}
+
+fn dep(id: &str, slug: &str, revision: u64) -> serde_json::Value {
+    json!({"id": id, "slug": slug, "enabled": true, "authMode": "none",
+        "target": {"type": "base_model", "baseModel": "m"}, "revision": revision})
+}
+
+#[test]
+fn snapshot_is_the_whole_truth_at_its_revision() {
+    let r = registry();
+    assert!(!r.is_loaded());
+    let rep = r
+        .apply_snapshot(&snapshot(
+            10,
+            json!([dep("d1", "one", 1), dep("d2", "two", 2)]),
+            json!([]),
+        ))
+        .unwrap();
+    assert_eq!((rep.changed, rep.removed), (2, 0));
+    assert!(r.is_loaded());
+    // A pushed object newer than the next snapshot survives it; an older absent one goes.
+    r.apply_json_event(&upsert_dep(12, "d3", "three", true));
+    let rep = r
+        .apply_snapshot(&snapshot(11, json!([dep("d1", "one", 1)]), json!([])))
+        .unwrap();
+    assert_eq!(rep.removed, 1);
+    assert!(r.deployment(&slug("two")).is_none());
+    assert!(r.deployment(&slug("one")).is_some());
+    assert!(r.deployment(&slug("three")).is_some());
+    assert_eq!(r.revision(), 12);
+}
+
+#[test]
+fn snapshot_that_does_not_parse_changes_nothing() {
+    let r = registry();
+    r.apply_snapshot(&snapshot(1, json!([dep("d1", "one", 1)]), json!([])))
+        .unwrap();
+    assert!(
+        r.apply_snapshot(b"{\"revision\":2,\"deployments\":[")
+            .is_err()
+    );
+    assert!(r.apply_snapshot(b"[]").is_err());
+    assert!(r.deployment(&slug("one")).is_some());
+    assert_eq!(r.revision(), 1);
+}
+
+#[test]
+fn a_bad_object_in_a_snapshot_is_rejected_alone_and_not_dropped() {
+    let r = registry();
+    r.apply_snapshot(&snapshot(
+        1,
+        json!([dep("d1", "one", 1), dep("d2", "two", 1)]),
+        json!([]),
+    ))
+    .unwrap();
+    let broken = json!({"id": "d1", "slug": "one", "enabled": "yes"});
+    let rep = r
+        .apply_snapshot(&snapshot(
+            2,
+            json!([broken, dep("d2", "two", 2), dep("d3", "www", 2)]),
+            json!([]),
+        ))
+        .unwrap();
+    assert_eq!(rep.rejected.len(), 2, "{:?}", rep.rejected);
+    assert!(
+        r.deployment(&slug("one")).is_some(),
+        "unreadable object was dropped"
+    );
+    assert!(r.deployment(&slug("two")).is_some());
+}

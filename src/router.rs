@@ -1,0 +1,271 @@
+//! The request pipeline of SPEC §2, top to bottom:
+//! host → deployment → CORS preflight → key → route → (proxy: body → pin → upstream → stream).
+//!
+//! [`serve`] is one function of early returns in the SPEC's decision order. Every failure is an
+//! [`EdgeError`], turned into a response in one place ([`handle`]) and logged there once.
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::auth;
+use crate::error::{EdgeError, Source};
+use crate::headers::{self as h};
+use crate::host::Slug;
+use crate::proxy::{self, Upstreams};
+use crate::registry::{AuthMode, Deployment, Registry};
+use crate::stream::{EdgeBody, read_request_body};
+
+/// What the edge does for a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Proxied to the deployment's pool at this upstream path.
+    Proxy(&'static str),
+    /// `GET /v1/models`, answered at the edge.
+    Models,
+}
+
+/// One row of the route table.
+pub struct Route {
+    pub path: &'static str,
+    pub method: Method,
+    /// The `allow` header for a 405 on this path.
+    pub allow: &'static str,
+    pub action: Action,
+}
+
+/// Every operation the edge serves. Another OpenAI operation is one more row.
+pub static ROUTES: [Route; 2] = [
+    Route {
+        path: "/v1/chat/completions",
+        method: Method::POST,
+        allow: "POST, OPTIONS",
+        action: Action::Proxy("/v1/chat/completions"),
+    },
+    Route {
+        path: "/v1/models",
+        method: Method::GET,
+        allow: "GET, OPTIONS",
+        action: Action::Models,
+    },
+];
+
+/// Looks a request up in [`ROUTES`]: unknown path → 404, known path and other method → 405.
+pub fn route(method: &Method, path: &str) -> Result<Action, EdgeError> {
+    let row = ROUTES
+        .iter()
+        .find(|r| r.path == path)
+        .ok_or(EdgeError::UnknownUrl)?;
+    if row.method == *method {
+        Ok(row.action)
+    } else {
+        Err(EdgeError::MethodNotAllowed(row.allow))
+    }
+}
+
+/// Everything the pipeline reads; shared by all connections.
+pub struct Edge {
+    pub registry: Arc<Registry>,
+    pub upstreams: Upstreams,
+    /// Normalised base domains.
+    pub base_domains: Vec<String>,
+    pub max_body_bytes: usize,
+    pub client_body: std::time::Duration,
+}
+
+/// Per-connection facts the pipeline needs.
+#[derive(Clone)]
+pub struct ConnInfo {
+    /// The client's IP, as sent upstream in `x-forwarded-for`.
+    pub client_ip: HeaderValue,
+}
+
+static EXPOSE_HEADERS: HeaderValue =
+    HeaderValue::from_static("x-request-id, retry-after, retry-after-ms, x-should-retry");
+
+/// Serves one request; never fails (errors become OpenAI error responses).
+pub async fn handle(edge: &Edge, conn: &ConnInfo, req: Request<Incoming>) -> Response<EdgeBody> {
+    let request_id = h::request_id(req.headers());
+    let mut response = match serve(edge, conn, req, &request_id).await {
+        Ok(response) => response,
+        Err(err) => {
+            match err.source() {
+                Source::Client => {
+                    tracing::debug!(request_id = ?request_id, code = err.code(), "refused")
+                }
+                Source::Upstream => {
+                    tracing::warn!(request_id = ?request_id, code = err.code(), "upstream failure")
+                }
+            }
+            err.into_response()
+        }
+    };
+    let headers = response.headers_mut();
+    headers.insert(&h::X_REQUEST_ID, request_id);
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        EXPOSE_HEADERS.clone(),
+    );
+    response
+}
+
+/// SPEC §2's decision order, one early return per step.
+async fn serve(
+    edge: &Edge,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+) -> Result<Response<EdgeBody>, EdgeError> {
+    // 1. Host → slug → enabled deployment. Disabled and unknown look the same.
+    let slug = host_of(&req)
+        .and_then(|host| Slug::from_host(host, &edge.base_domains))
+        .ok_or(EdgeError::DeploymentNotFound)?;
+    let deployment = edge
+        .registry
+        .deployment(&slug)
+        .filter(|d| d.enabled)
+        .ok_or(EdgeError::DeploymentNotFound)?;
+
+    // 2. CORS preflight: browsers send no key with it.
+    if req.method() == Method::OPTIONS {
+        return Ok(preflight(&req));
+    }
+
+    // 3. Key.
+    if deployment.auth_mode == AuthMode::FixedApiKey {
+        authenticate(&edge.registry, &deployment, &req)?;
+    }
+
+    // 4. Route.
+    match route(req.method(), req.uri().path())? {
+        Action::Models => Ok(json(deployment.models_body.clone())),
+        Action::Proxy(path) => forward(edge, conn, req, &deployment, path, request_id).await,
+    }
+}
+
+/// The host a request is addressed to: the URI authority (HTTP/2 `:authority`, or an
+/// absolute-form HTTP/1.1 target, which RFC 9112 puts above `Host`), else the one `Host` header.
+fn host_of(req: &Request<Incoming>) -> Option<&[u8]> {
+    if let Some(authority) = req.uri().authority() {
+        return Some(authority.as_str().as_bytes());
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(host), None) => Some(host.as_bytes()),
+        _ => None,
+    }
+}
+
+/// The key must hash to a live key of this very deployment.
+fn authenticate(
+    registry: &Registry,
+    deployment: &Deployment,
+    req: &Request<Incoming>,
+) -> Result<(), EdgeError> {
+    let presented = auth::presented_key(req.headers())?;
+    match registry.key(&presented.hash) {
+        Some(key) if key.enabled && key.deployment_id == deployment.id => Ok(()),
+        _ => {
+            tracing::debug!(key = ?presented, slug = %deployment.slug, "key refused");
+            Err(EdgeError::InvalidApiKey)
+        }
+    }
+}
+
+/// Reads, pins and sends a request to the deployment's pool; streams the answer back.
+async fn forward(
+    edge: &Edge,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    deployment: &Deployment,
+    path: &'static str,
+    request_id: &HeaderValue,
+) -> Result<Response<EdgeBody>, EdgeError> {
+    let upstream = deployment.upstream.as_ref().map_err(|e| *e)?;
+    let (parts, body) = req.into_parts();
+    let body = read_request_body(body, edge.max_body_bytes, edge.client_body).await?;
+    let pinned = proxy::pin::pin(&body, upstream.owned, &upstream.members)
+        .map_err(EdgeError::InvalidBody)?;
+    let headers = proxy::request_headers(parts.headers, request_id, &conn.client_ip);
+    let (response, _endpoint) = edge
+        .upstreams
+        .send(&upstream.pool, path, headers, pinned)
+        .await?;
+    Ok(edge.upstreams.client_response(response))
+}
+
+fn json(body: bytes::Bytes) -> Response<EdgeBody> {
+    let mut r = Response::new(EdgeBody::from(body));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, h::APPLICATION_JSON.clone());
+    r
+}
+
+/// 204 with the CORS headers a browser needs before a keyed POST.
+fn preflight(req: &Request<Incoming>) -> Response<EdgeBody> {
+    let mut r = Response::new(EdgeBody::from(bytes::Bytes::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    let out = r.headers_mut();
+    out.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    // `*` does not cover `authorization`, so the requested names are echoed (the browser
+    // already limits them to valid header names).
+    let requested = req
+        .headers()
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_static("authorization, content-type"));
+    out.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested);
+    out.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    out.insert(
+        header::VARY,
+        HeaderValue::from_static("access-control-request-headers"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_table() {
+        assert_eq!(
+            route(&Method::POST, "/v1/chat/completions"),
+            Ok(Action::Proxy("/v1/chat/completions"))
+        );
+        assert_eq!(route(&Method::GET, "/v1/models"), Ok(Action::Models));
+        assert_eq!(
+            route(&Method::GET, "/v1/chat/completions"),
+            Err(EdgeError::MethodNotAllowed("POST, OPTIONS"))
+        );
+        assert_eq!(
+            route(&Method::POST, "/v1/models"),
+            Err(EdgeError::MethodNotAllowed("GET, OPTIONS"))
+        );
+        for path in [
+            "/",
+            "/v1",
+            "/v1/chat/completions/",
+            "/V1/models",
+            "/v1/embeddings",
+        ] {
+            assert_eq!(
+                route(&Method::POST, path),
+                Err(EdgeError::UnknownUrl),
+                "{path}"
+            );
+        }
+    }
+}

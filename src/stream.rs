@@ -1,0 +1,336 @@
+//! Bodies on both sides of the edge.
+//!
+//! * [`read_request_body`]: the client's body, refused at `limits.max_body_bytes` without reading
+//!   past it, and within `timeouts.client_body`.
+//! * [`ChunksBody`]: a pinned body sent upstream as shared slices (re-sendable for a retry).
+//! * [`EdgeBody`]: what the client receives: a fixed answer, or the backend's body passed through
+//!   frame by frame as it arrives, with an idle timeout, and a terminal SSE error event when a
+//!   stream breaks after its head was sent.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+use crate::error::EdgeError;
+use crate::proxy::echo::EchoBody;
+
+/// Reads a whole request body of at most `max` bytes within `deadline`.
+///
+/// A declared length over `max` is refused before any byte is read; a chunked body is refused as
+/// soon as it passes `max`.
+pub async fn read_request_body(
+    mut body: Incoming,
+    max: usize,
+    deadline: Duration,
+) -> Result<Bytes, EdgeError> {
+    if body.size_hint().lower() > max as u64 {
+        return Err(EdgeError::BodyTooLarge);
+    }
+    let read = async {
+        let mut first: Option<Bytes> = None;
+        let mut rest = BytesMut::new();
+        let mut total = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| EdgeError::BodyIncomplete)?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers carry nothing the edge forwards
+            };
+            total += data.len();
+            if total > max {
+                return Err(EdgeError::BodyTooLarge);
+            }
+            // The common case, one frame, keeps the buffer hyper read into: no copy.
+            match first.take() {
+                None if rest.is_empty() => first = Some(data),
+                Some(prev) => {
+                    rest.reserve(total);
+                    rest.extend_from_slice(&prev);
+                    rest.extend_from_slice(&data);
+                }
+                None => rest.extend_from_slice(&data),
+            }
+        }
+        Ok(first.unwrap_or_else(|| rest.freeze()))
+    };
+    tokio::time::timeout(deadline, read)
+        .await
+        .unwrap_or(Err(EdgeError::BodyIncomplete))
+}
+
+/// A body made of shared slices, sent as they are. Cloning it is an `Arc` increment.
+#[derive(Debug, Clone)]
+pub struct ChunksBody {
+    chunks: Arc<[Bytes]>,
+    next: usize,
+    remaining: u64,
+}
+
+impl ChunksBody {
+    /// A body of `chunks`, `len` bytes in all.
+    pub fn new(chunks: Arc<[Bytes]>, len: usize) -> ChunksBody {
+        ChunksBody {
+            chunks,
+            next: 0,
+            remaining: len as u64,
+        }
+    }
+}
+
+impl Body for ChunksBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        while let Some(chunk) = self.chunks.get(self.next).cloned() {
+            self.next += 1;
+            if !chunk.is_empty() {
+                self.remaining -= chunk.len() as u64;
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+        }
+        Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// A backend's response body: a remote server's, or the in-process echo's.
+pub enum UpstreamBody {
+    /// From a hyper client connection.
+    Remote(Incoming),
+    /// From `builtin:echo`.
+    Echo(EchoBody),
+}
+
+impl UpstreamBody {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ()>>> {
+        match self {
+            UpstreamBody::Remote(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|e| tracing::debug!("upstream body failed: {e}")))),
+            UpstreamBody::Echo(b) => b.poll_frame(cx).map(|f| f.map(Ok)),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Remote(b) => b.is_end_stream(),
+            UpstreamBody::Echo(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Remote(b) => b.size_hint(),
+            UpstreamBody::Echo(_) => SizeHint::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Streaming,
+    Done,
+}
+
+pin_project! {
+    /// The backend's body on its way to the client, frame by frame.
+    pub struct Passthrough {
+        body: UpstreamBody,
+        #[pin]
+        idle: Sleep,
+        idle_for: Duration,
+        sse: bool,
+        phase: Phase,
+    }
+}
+
+impl Passthrough {
+    /// Wraps a backend body; `sse` says whether it is an event stream (failures then end with an
+    /// error event instead of a broken connection).
+    pub fn new(body: UpstreamBody, idle_for: Duration, sse: bool) -> Passthrough {
+        Passthrough {
+            body,
+            idle: tokio::time::sleep(idle_for),
+            idle_for,
+            sse,
+            phase: Phase::Streaming,
+        }
+    }
+}
+
+impl Body for Passthrough {
+    type Data = Bytes;
+    type Error = EdgeError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, EdgeError>>> {
+        let mut this = self.project();
+        let failure = match *this.phase {
+            Phase::Done => return Poll::Ready(None),
+            Phase::Streaming => match this.body.poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let deadline = Instant::now() + *this.idle_for;
+                    this.idle.as_mut().reset(deadline);
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Poll::Ready(None) => {
+                    *this.phase = Phase::Done;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Some(Err(()))) => EdgeError::UpstreamFailed,
+                Poll::Pending => match this.idle.as_mut().poll(cx) {
+                    Poll::Ready(()) => EdgeError::UpstreamIdle,
+                    Poll::Pending => return Poll::Pending,
+                },
+            },
+        };
+        tracing::warn!(code = failure.code(), "upstream body ended early");
+        *this.phase = Phase::Done;
+        if *this.sse {
+            Poll::Ready(Some(Ok(Frame::data(failure.sse_event()))))
+        } else {
+            // Not an event stream: the only honest signal left is breaking the connection.
+            Poll::Ready(Some(Err(failure)))
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.phase == Phase::Done || (self.phase == Phase::Streaming && self.body.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.phase {
+            Phase::Streaming => self.body.size_hint(),
+            Phase::Done => SizeHint::with_exact(0),
+        }
+    }
+}
+
+pin_project! {
+    /// Every response body the edge sends.
+    #[project = EdgeBodyProj]
+    pub enum EdgeBody {
+        /// A fixed answer (errors, `/v1/models`, preflight).
+        Full { data: Option<Bytes> },
+        /// A backend's body.
+        Proxied { #[pin] inner: Passthrough },
+    }
+}
+
+impl From<Bytes> for EdgeBody {
+    fn from(data: Bytes) -> EdgeBody {
+        EdgeBody::Full {
+            data: (!data.is_empty()).then_some(data),
+        }
+    }
+}
+
+impl Body for EdgeBody {
+    type Data = Bytes;
+    type Error = EdgeError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, EdgeError>>> {
+        match self.project() {
+            EdgeBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            EdgeBodyProj::Proxied { inner } => inner.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            EdgeBody::Full { data } => data.is_none(),
+            EdgeBody::Proxied { inner } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            EdgeBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            EdgeBody::Proxied { inner } => inner.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::echo;
+
+    #[tokio::test]
+    async fn chunks_body_sends_every_slice_with_exact_length() {
+        let chunks: Arc<[Bytes]> = vec![
+            Bytes::from_static(b"{"),
+            Bytes::new(),
+            Bytes::from_static(b"\"a\":1}"),
+        ]
+        .into();
+        let body = ChunksBody::new(chunks, 7);
+        assert_eq!(body.size_hint().exact(), Some(7));
+        let again = body.clone();
+        let all = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&all[..], b"{\"a\":1}");
+        assert_eq!(again.collect().await.unwrap().to_bytes(), all);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_stream_ends_with_an_error_event() {
+        let body = br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"a b"}]}"#;
+        let echo = echo::respond(body, Some(Duration::from_secs(3600))).into_body();
+        let mut pass = std::pin::pin!(EdgeBody::Proxied {
+            inner: Passthrough::new(UpstreamBody::Echo(echo), Duration::from_secs(5), true),
+        });
+        let mut frames = Vec::new();
+        while let Some(f) = pass.frame().await {
+            frames.push(f.unwrap().into_data().unwrap());
+        }
+        // role chunk, first word, then the idle error event; nothing after it.
+        assert_eq!(frames.len(), 3);
+        let last = std::str::from_utf8(&frames[2]).unwrap();
+        assert!(last.starts_with("data: {\"error\":"), "{last}");
+        assert!(last.contains("upstream_timeout"));
+        assert!(!last.contains("[DONE]"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_json_body_breaks_the_connection() {
+        let body = br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"a b"}]}"#;
+        let echo = echo::respond(body, Some(Duration::from_secs(3600))).into_body();
+        let mut pinned = std::pin::pin!(Passthrough::new(
+            UpstreamBody::Echo(echo),
+            Duration::from_secs(5),
+            false
+        ));
+        assert!(pinned.frame().await.unwrap().is_ok());
+        assert!(pinned.frame().await.unwrap().is_ok());
+        assert_eq!(
+            pinned.frame().await.unwrap().unwrap_err(),
+            EdgeError::UpstreamIdle
+        );
+        assert!(pinned.frame().await.is_none());
+    }
+}
