@@ -1,0 +1,319 @@
+//! A recording OpenAI-style backend for end-to-end tests.
+//!
+//! It records every request it receives (method, path, headers, body) and answers according to
+//! the `x-mock` request header, which the edge forwards like any other client header:
+//!
+//! | `x-mock` | answer |
+//! |---|---|
+//! | (none) | 200 JSON chat completion naming the `model` it received |
+//! | `stream:N` | SSE with N data events, then `[DONE]` |
+//! | `gated` | SSE: one event, then waits for [`Backend::open_gate`], then `[DONE]` |
+//! | `endless` | SSE: an event every 20 ms until the connection goes away |
+//! | `hang` | never answers |
+//! | `silent` | SSE: one event, then silence |
+//! | `break` | SSE: one event, then the connection is cut |
+//! | `status:NNN` | that status with an OpenAI-style error body and some hop-by-hop headers |
+//!
+//! Whenever a response body or a pending answer is dropped before it finished (the edge went
+//! away), `"closed:<x-mock>"` is recorded in [`Backend::events`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc};
+
+/// One request as the backend received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Seen {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("backend received JSON")
+    }
+}
+
+#[derive(Clone, Default)]
+struct Shared {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    events: Arc<Mutex<Vec<String>>>,
+    gate: Arc<Notify>,
+}
+
+pub struct Backend {
+    pub addr: SocketAddr,
+    shared: Shared,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Records `closed:<what>` when dropped before `done()`.
+struct CloseGuard {
+    what: String,
+    events: Arc<Mutex<Vec<String>>>,
+    done: bool,
+}
+
+impl Drop for CloseGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.events
+                .lock()
+                .unwrap()
+                .push(format!("closed:{}", self.what));
+        }
+    }
+}
+
+/// A response body fed by a task through a channel.
+struct ChannelBody {
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    guard: CloseGuard,
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(None) => {
+                self.guard.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(r)) => Poll::Ready(Some(r.map(Frame::data))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+fn full(b: impl Into<Bytes>) -> BoxBody {
+    http_body_util::Full::new(b.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+impl Backend {
+    /// An HTTP/1.1 backend on an ephemeral port.
+    pub async fn start() -> Backend {
+        Self::start_with(false).await
+    }
+
+    /// An h2c (prior knowledge) backend on an ephemeral port.
+    pub async fn start_h2c() -> Backend {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(h2: bool) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Shared::default();
+        let s = shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let s = s.clone();
+                        async move { Ok::<_, Infallible>(answer(s, req).await) }
+                    });
+                    let io = TokioIo::new(stream);
+                    if h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .await;
+                    }
+                });
+            }
+        });
+        Backend { addr, shared, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.seen.lock().unwrap().clone()
+    }
+
+    pub fn events(&self) -> Vec<String> {
+        self.shared.events.lock().unwrap().clone()
+    }
+
+    pub fn open_gate(&self) {
+        self.shared.gate.notify_one();
+    }
+
+    /// Waits (bounded) until `event` was recorded.
+    pub async fn wait_event(&self, event: &str, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            if self.events().iter().any(|e| e == event) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn sse_event(n: usize) -> Bytes {
+    Bytes::from(format!(
+        "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"w{n} \"}}}}]}}\n\n"
+    ))
+}
+
+fn sse(what: &str, s: &Shared, plan: impl FnOnce(mpsc::Sender<Result<Bytes, std::io::Error>>, Arc<Notify>) -> tokio::task::JoinHandle<()>) -> Response<BoxBody> {
+    let (tx, rx) = mpsc::channel(4);
+    plan(tx, Arc::clone(&s.gate));
+    let body = ChannelBody {
+        rx,
+        guard: CloseGuard {
+            what: what.to_owned(),
+            events: Arc::clone(&s.events),
+            done: false,
+        },
+    };
+    let mut r = Response::new(body.boxed());
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("text/event-stream"));
+    r
+}
+
+async fn answer(s: Shared, req: Request<Incoming>) -> Response<BoxBody> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let mock = parts
+        .headers
+        .get("x-mock")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    s.seen.lock().unwrap().push(Seen {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_owned(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    let model = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("model").cloned())
+        .unwrap_or(serde_json::Value::Null);
+
+    if let Some(n) = mock.strip_prefix("stream:") {
+        let n: usize = n.parse().unwrap();
+        return sse(&mock, &s, move |tx, _| {
+            tokio::spawn(async move {
+                for i in 0..n {
+                    if tx.send(Ok(sse_event(i))).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+            })
+        });
+    }
+    if let Some(code) = mock.strip_prefix("status:") {
+        let status = StatusCode::from_u16(code.parse().unwrap()).unwrap();
+        let mut r = Response::new(full(
+            r#"{"error":{"message":"backend says no","type":"backend","param":null,"code":"backend_code"}}"#,
+        ));
+        *r.status_mut() = status;
+        let h = r.headers_mut();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("x-backend", HeaderValue::from_static("yes"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("connection", HeaderValue::from_static("x-hop"));
+        return r;
+    }
+    match mock.as_str() {
+        "gated" => sse(&mock, &s, |tx, gate| {
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(sse_event(0))).await;
+                gate.notified().await;
+                let _ = tx.send(Ok(sse_event(1))).await;
+                let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+            })
+        }),
+        "endless" => sse(&mock, &s, |tx, _| {
+            tokio::spawn(async move {
+                for i in 0.. {
+                    if tx.send(Ok(sse_event(i))).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        }),
+        "silent" => sse(&mock, &s, |tx, _| {
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(sse_event(0))).await;
+                tx.closed().await;
+            })
+        }),
+        "break" => sse(&mock, &s, |tx, _| {
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(sse_event(0))).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = tx
+                    .send(Err(std::io::Error::other("backend crashed")))
+                    .await;
+            })
+        }),
+        "hang" => {
+            let _guard = CloseGuard {
+                what: mock.clone(),
+                events: Arc::clone(&s.events),
+                done: false,
+            };
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        _ => {
+            let body = serde_json::json!({
+                "id": "chatcmpl-test", "object": "chat.completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                    "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+            });
+            let mut r = Response::new(full(body.to_string()));
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
+            r
+        }
+    }
+}
