@@ -1,0 +1,53 @@
+//! The official OpenAI Python SDK, installed into a venv by `tests/python/ensure-venv.sh`,
+//! talks to the edge over a real socket: non-stream and stream calls, a wrong key
+//! (`AuthenticationError`) and an unknown slug (`NotFoundError`).
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use support::*;
+
+fn venv_python() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let venv = std::env::var_os("ARKOR_PY_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target").join("py-venv"));
+    let out = Command::new("bash")
+        .arg(root.join("tests/python/ensure-venv.sh"))
+        .arg(&venv)
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "could not install the OpenAI SDK into {}:\n{}",
+        venv.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_python_sdk_through_the_edge() {
+    let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
+    let edge = TestEdge::start(&["builtin:echo".to_owned()], "").await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/sdk_check.py");
+    let base = format!("{}/v1", edge.url());
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .env("EDGE_BASE_URL", base)
+        .env("KEYED_HOST", "keyed.arkor.app")
+        .env("KEYED_KEY", KEYED_KEY)
+        .env("KEYED_MODEL", KEYED_MODEL)
+        .env("OPEN_HOST", "open.arkor.app")
+        .env("UNKNOWN_HOST", "nope.arkor.app")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "SDK check failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("sdk: 12 checks passed"), "{stdout}");
+    edge.stop().await;
+}
