@@ -154,9 +154,12 @@ pin_project! {
     /// The backend's body on its way to the client, frame by frame.
     pub struct Passthrough {
         body: UpstreamBody,
+        // Re-armed lazily: a frame only records when it came; the timer is moved when it fires
+        // early. That keeps timer-wheel work off the per-chunk path.
         #[pin]
         idle: Sleep,
         idle_for: Duration,
+        last_frame: Instant,
         sse: bool,
         phase: Phase,
     }
@@ -170,6 +173,7 @@ impl Passthrough {
             body,
             idle: tokio::time::sleep(idle_for),
             idle_for,
+            last_frame: Instant::now(),
             sse,
             phase: Phase::Streaming,
         }
@@ -189,8 +193,7 @@ impl Body for Passthrough {
             Phase::Done => return Poll::Ready(None),
             Phase::Streaming => match this.body.poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    let deadline = Instant::now() + *this.idle_for;
-                    this.idle.as_mut().reset(deadline);
+                    *this.last_frame = Instant::now();
                     return Poll::Ready(Some(Ok(frame)));
                 }
                 Poll::Ready(None) => {
@@ -198,9 +201,16 @@ impl Body for Passthrough {
                     return Poll::Ready(None);
                 }
                 Poll::Ready(Some(Err(()))) => EdgeError::UpstreamFailed,
-                Poll::Pending => match this.idle.as_mut().poll(cx) {
-                    Poll::Ready(()) => EdgeError::UpstreamIdle,
-                    Poll::Pending => return Poll::Pending,
+                Poll::Pending => loop {
+                    if this.idle.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let deadline = *this.last_frame + *this.idle_for;
+                    if deadline <= Instant::now() {
+                        break EdgeError::UpstreamIdle;
+                    }
+                    // Frames came since the timer was armed: wait out the rest from the last one.
+                    this.idle.as_mut().reset(deadline);
                 },
             },
         };

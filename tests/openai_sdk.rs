@@ -2,6 +2,8 @@
 //! talks to the edge over a real socket: non-stream and stream calls, a wrong key
 //! (`AuthenticationError`) and an unknown slug (`NotFoundError`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed unwrap is a failed test
+
 mod support;
 
 use std::path::PathBuf;
@@ -47,7 +49,10 @@ async fn official_python_sdk_through_the_edge() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "SDK check failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "SDK check failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("sdk: 12 checks passed"), "{stdout}");
     edge.stop().await;
 }

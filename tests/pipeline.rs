@@ -1,5 +1,7 @@
 //! SPEC §2 decision order, end to end: host → deployment → preflight → key → route.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed unwrap is a failed test
+
 mod support;
 
 use std::time::Duration;
@@ -17,7 +19,15 @@ async fn edge() -> (TestEdge, Backend) {
 #[tokio::test]
 async fn unknown_disabled_and_bad_hosts_are_the_same_404() {
     let (edge, backend) = edge().await;
-    let reference = send(edge.addr, Method::GET, "nope.arkor.app", "/v1/models", &[], "").await;
+    let reference = send(
+        edge.addr,
+        Method::GET,
+        "nope.arkor.app",
+        "/v1/models",
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(reference.status, 404);
     assert_eq!(reference.code(), "deployment_not_found");
     assert_eq!(reference.headers["x-should-retry"], "false");
@@ -27,15 +37,15 @@ async fn unknown_disabled_and_bad_hosts_are_the_same_404() {
         v
     };
     for host in [
-        "off.arkor.app",                  // disabled
-        "OFF.Arkor.App.",                 // disabled, other spelling
-        "www.arkor.app",                  // reserved
-        "a.b.arkor.app",                  // two labels
-        "open.example.com",               // other domain
-        "open.arkor.app.example.com",     // suffix trick
-        "127.0.0.1",                      // no slug
-        "open_x.arkor.app",               // bad slug
-        "x.arkor.app",                    // too short
+        "off.arkor.app",              // disabled
+        "OFF.Arkor.App.",             // disabled, other spelling
+        "www.arkor.app",              // reserved
+        "a.b.arkor.app",              // two labels
+        "open.example.com",           // other domain
+        "open.arkor.app.example.com", // suffix trick
+        "127.0.0.1",                  // no slug
+        "open_x.arkor.app",           // bad slug
+        "x.arkor.app",                // too short
     ] {
         let a = send(edge.addr, Method::GET, host, "/v1/models", &[], "").await;
         assert_eq!(a.status, 404, "{host}");
@@ -43,8 +53,15 @@ async fn unknown_disabled_and_bad_hosts_are_the_same_404() {
         assert_eq!(names(&a), names(&reference), "{host}: header names differ");
     }
     // Even a correct key for a disabled deployment reveals nothing, and nothing reaches a backend.
-    let a = send(edge.addr, Method::POST, "off.arkor.app", "/v1/chat/completions",
-        &[("authorization", &bearer(KEYED_KEY))], chat("m", false)).await;
+    let a = send(
+        edge.addr,
+        Method::POST,
+        "off.arkor.app",
+        "/v1/chat/completions",
+        &[("authorization", &bearer(KEYED_KEY))],
+        chat("m", false),
+    )
+    .await;
     assert_eq!(a.body, reference.body);
     assert!(backend.seen().is_empty());
     edge.stop().await;
@@ -53,7 +70,12 @@ async fn unknown_disabled_and_bad_hosts_are_the_same_404() {
 #[tokio::test]
 async fn missing_or_doubled_host_is_404() {
     let (edge, _backend) = edge().await;
-    let no_host = raw(edge.addr, b"GET /v1/models HTTP/1.0\r\n\r\n", Duration::from_secs(5)).await;
+    let no_host = raw(
+        edge.addr,
+        b"GET /v1/models HTTP/1.0\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
     assert!(no_host.starts_with("HTTP/1.0 404"), "{no_host}");
     assert!(no_host.contains("deployment_not_found"));
     let two = raw(
@@ -77,16 +99,43 @@ async fn missing_or_doubled_host_is_404() {
 #[tokio::test]
 async fn preflight_needs_no_key_and_names_what_browsers_need() {
     let (edge, backend) = edge().await;
-    let a = send(edge.addr, Method::OPTIONS, "keyed.arkor.app", "/v1/chat/completions",
-        &[("origin", "https://app.example"), ("access-control-request-method", "POST"),
-          ("access-control-request-headers", "authorization, content-type, x-stainless-os")], "").await;
+    let a = send(
+        edge.addr,
+        Method::OPTIONS,
+        "keyed.arkor.app",
+        "/v1/chat/completions",
+        &[
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "POST"),
+            (
+                "access-control-request-headers",
+                "authorization, content-type, x-stainless-os",
+            ),
+        ],
+        "",
+    )
+    .await;
     assert_eq!(a.status, 204);
     assert_eq!(a.headers["access-control-allow-origin"], "*");
-    assert_eq!(a.headers["access-control-allow-methods"], "GET, POST, OPTIONS");
-    assert_eq!(a.headers["access-control-allow-headers"], "authorization, content-type, x-stainless-os");
+    assert_eq!(
+        a.headers["access-control-allow-methods"],
+        "GET, POST, OPTIONS"
+    );
+    assert_eq!(
+        a.headers["access-control-allow-headers"],
+        "authorization, content-type, x-stainless-os"
+    );
     assert!(a.body.is_empty());
     // Preflight on an unknown deployment is still a 404.
-    let a = send(edge.addr, Method::OPTIONS, "nope.arkor.app", "/v1/chat/completions", &[], "").await;
+    let a = send(
+        edge.addr,
+        Method::OPTIONS,
+        "nope.arkor.app",
+        "/v1/chat/completions",
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(a.status, 404);
     assert!(backend.seen().is_empty());
     edge.stop().await;
@@ -103,11 +152,22 @@ async fn keys_are_checked_against_this_deployment() {
                 h.push(("authorization", a));
             }
             let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            send(addr, Method::POST, "keyed.arkor.app", "/v1/chat/completions", &h, chat("gpt-4", false)).await
+            send(
+                addr,
+                Method::POST,
+                "keyed.arkor.app",
+                "/v1/chat/completions",
+                &h,
+                chat("gpt-4", false),
+            )
+            .await
         }
     };
     let a = post(None).await;
-    assert_eq!((a.status.as_u16(), a.code().as_str()), (401, "missing_api_key"));
+    assert_eq!(
+        (a.status.as_u16(), a.code().as_str()),
+        (401, "missing_api_key")
+    );
     assert_eq!(a.headers["x-should-retry"], "false");
     for auth in [
         format!("Basic {KEYED_KEY}"),
@@ -117,23 +177,44 @@ async fn keys_are_checked_against_this_deployment() {
         bearer(REVOKED_KEY), // revoked
     ] {
         let a = post(Some(auth.clone())).await;
-        assert_eq!((a.status.as_u16(), a.code().as_str()), (401, "invalid_api_key"), "{auth}");
-        assert!(!a.text().contains("ark_live_"), "error echoes a key: {}", a.text());
+        assert_eq!(
+            (a.status.as_u16(), a.code().as_str()),
+            (401, "invalid_api_key"),
+            "{auth}"
+        );
+        assert!(
+            !a.text().contains("ark_live_"),
+            "error echoes a key: {}",
+            a.text()
+        );
     }
-    assert!(backend.seen().is_empty(), "a refused request reached the backend");
+    assert!(
+        backend.seen().is_empty(),
+        "a refused request reached the backend"
+    );
     let a = post(Some(format!("bEaReR {KEYED_KEY}"))).await;
     assert_eq!(a.status, 200, "{}", a.text());
     let seen = backend.seen();
     assert_eq!(seen.len(), 1);
-    assert!(seen[0].headers.get("authorization").is_none(), "client key forwarded");
+    assert!(
+        seen[0].headers.get("authorization").is_none(),
+        "client key forwarded"
+    );
     edge.stop().await;
 }
 
 #[tokio::test]
 async fn open_deployments_ignore_and_drop_authorization() {
     let (edge, backend) = edge().await;
-    let a = send(edge.addr, Method::POST, "open.arkor.app", "/v1/chat/completions",
-        &[("authorization", "Bearer whatever")], chat("x", false)).await;
+    let a = send(
+        edge.addr,
+        Method::POST,
+        "open.arkor.app",
+        "/v1/chat/completions",
+        &[("authorization", "Bearer whatever")],
+        chat("x", false),
+    )
+    .await;
     assert_eq!(a.status, 200);
     assert!(backend.seen()[0].headers.get("authorization").is_none());
     edge.stop().await;
@@ -144,7 +225,15 @@ async fn routes_models_unknown_paths_and_methods() {
     let (edge, backend) = edge().await;
     let auth = [("authorization", bearer(KEYED_KEY))];
     let auth: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let a = send(edge.addr, Method::GET, "keyed.arkor.app", "/v1/models", &auth, "").await;
+    let a = send(
+        edge.addr,
+        Method::GET,
+        "keyed.arkor.app",
+        "/v1/models",
+        &auth,
+        "",
+    )
+    .await;
     assert_eq!(a.status, 200);
     assert_eq!(a.headers["content-type"], "application/json");
     let v = a.json();
@@ -152,16 +241,51 @@ async fn routes_models_unknown_paths_and_methods() {
     assert_eq!(v["data"].as_array().unwrap().len(), 1);
     assert_eq!(v["data"][0]["id"], KEYED_MODEL);
     // Models needs the key too.
-    let a = send(edge.addr, Method::GET, "keyed.arkor.app", "/v1/models", &[], "").await;
+    let a = send(
+        edge.addr,
+        Method::GET,
+        "keyed.arkor.app",
+        "/v1/models",
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(a.status, 401);
 
-    let a = send(edge.addr, Method::POST, "keyed.arkor.app", "/v1/embeddings", &auth, "{}").await;
+    let a = send(
+        edge.addr,
+        Method::POST,
+        "keyed.arkor.app",
+        "/v1/embeddings",
+        &auth,
+        "{}",
+    )
+    .await;
     assert_eq!((a.status.as_u16(), a.code().as_str()), (404, "unknown_url"));
     assert_eq!(a.headers["x-should-retry"], "false");
-    let a = send(edge.addr, Method::GET, "keyed.arkor.app", "/v1/chat/completions", &auth, "").await;
-    assert_eq!((a.status.as_u16(), a.code().as_str()), (405, "method_not_allowed"));
+    let a = send(
+        edge.addr,
+        Method::GET,
+        "keyed.arkor.app",
+        "/v1/chat/completions",
+        &auth,
+        "",
+    )
+    .await;
+    assert_eq!(
+        (a.status.as_u16(), a.code().as_str()),
+        (405, "method_not_allowed")
+    );
     assert_eq!(a.headers["allow"], "POST, OPTIONS");
-    let a = send(edge.addr, Method::DELETE, "keyed.arkor.app", "/v1/models", &auth, "").await;
+    let a = send(
+        edge.addr,
+        Method::DELETE,
+        "keyed.arkor.app",
+        "/v1/models",
+        &auth,
+        "",
+    )
+    .await;
     assert_eq!(a.status, 405);
     assert_eq!(a.headers["allow"], "GET, OPTIONS");
     // The key is checked before the route: a wrong key on an unknown path is 401.
@@ -174,7 +298,15 @@ async fn routes_models_unknown_paths_and_methods() {
 #[tokio::test]
 async fn error_envelope_is_openai_shaped() {
     let (edge, _backend) = edge().await;
-    let a = send(edge.addr, Method::GET, "nope.arkor.app", "/v1/models", &[], "").await;
+    let a = send(
+        edge.addr,
+        Method::GET,
+        "nope.arkor.app",
+        "/v1/models",
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(a.headers["content-type"], "application/json");
     let v = a.json();
     let e = v["error"].as_object().unwrap();
@@ -190,29 +322,66 @@ async fn error_envelope_is_openai_shaped() {
 #[tokio::test]
 async fn request_id_in_and_out() {
     let (edge, backend) = edge().await;
-    let a = send(edge.addr, Method::POST, "open.arkor.app", "/v1/chat/completions",
-        &[("x-request-id", "client-chosen-42")], chat("x", false)).await;
+    let a = send(
+        edge.addr,
+        Method::POST,
+        "open.arkor.app",
+        "/v1/chat/completions",
+        &[("x-request-id", "client-chosen-42")],
+        chat("x", false),
+    )
+    .await;
     assert_eq!(a.headers["x-request-id"], "client-chosen-42");
-    assert_eq!(backend.seen()[0].headers["x-request-id"], "client-chosen-42");
+    assert_eq!(
+        backend.seen()[0].headers["x-request-id"],
+        "client-chosen-42"
+    );
 
     let long = "x".repeat(129);
-    let a = send(edge.addr, Method::POST, "open.arkor.app", "/v1/chat/completions",
-        &[("x-request-id", &long)], chat("x", false)).await;
+    let a = send(
+        edge.addr,
+        Method::POST,
+        "open.arkor.app",
+        "/v1/chat/completions",
+        &[("x-request-id", &long)],
+        chat("x", false),
+    )
+    .await;
     let id = a.headers["x-request-id"].to_str().unwrap().to_owned();
     assert!(id.starts_with("req_") && id.len() == 36, "{id}");
     assert_eq!(backend.seen()[1].headers["x-request-id"], id.as_str());
 
     // Errors carry one too.
-    let a = send(edge.addr, Method::GET, "nope.arkor.app", "/v1/models", &[], "").await;
-    assert!(a.headers["x-request-id"].to_str().unwrap().starts_with("req_"));
+    let a = send(
+        edge.addr,
+        Method::GET,
+        "nope.arkor.app",
+        "/v1/models",
+        &[],
+        "",
+    )
+    .await;
+    assert!(
+        a.headers["x-request-id"]
+            .to_str()
+            .unwrap()
+            .starts_with("req_")
+    );
     edge.stop().await;
 }
 
 #[tokio::test]
 async fn snapshot_file_changes_are_served() {
     let (edge, backend) = edge().await;
-    let a = send(edge.addr, Method::POST, "keyed.arkor.app", "/v1/chat/completions",
-        &[("authorization", &bearer(KEYED_KEY))], chat("x", false)).await;
+    let a = send(
+        edge.addr,
+        Method::POST,
+        "keyed.arkor.app",
+        "/v1/chat/completions",
+        &[("authorization", &bearer(KEYED_KEY))],
+        chat("x", false),
+    )
+    .await;
     assert_eq!(a.status, 200);
     // Revoke the key and disable `open` in a new snapshot.
     let mut doc = fixture(2);
@@ -226,8 +395,15 @@ async fn snapshot_file_changes_are_served() {
     let mut revoked = false;
     let mut served_before = 0;
     for _ in 0..200 {
-        let a = send(edge.addr, Method::POST, "keyed.arkor.app", "/v1/chat/completions",
-            &[("authorization", &bearer(KEYED_KEY))], chat("x", false)).await;
+        let a = send(
+            edge.addr,
+            Method::POST,
+            "keyed.arkor.app",
+            "/v1/chat/completions",
+            &[("authorization", &bearer(KEYED_KEY))],
+            chat("x", false),
+        )
+        .await;
         if a.status == 401 {
             revoked = true;
             break;
@@ -237,7 +413,15 @@ async fn snapshot_file_changes_are_served() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(revoked, "revocation in the file was never enforced");
-    let a = send(edge.addr, Method::GET, "open.arkor.app", "/v1/models", &[], "").await;
+    let a = send(
+        edge.addr,
+        Method::GET,
+        "open.arkor.app",
+        "/v1/models",
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(a.status, 404);
     assert_eq!(backend.seen().len(), 1 + served_before);
     edge.stop().await;

@@ -1,6 +1,8 @@
 //! Proxying `POST /v1/chat/completions`: pinning, body limits, streaming, cancellation and
 //! upstream failures, against real sockets.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed unwrap is a failed test
+
 mod support;
 
 use std::time::Duration;
@@ -22,7 +24,15 @@ async fn post_keyed(edge: &TestEdge, extra: &[(&str, &str)], body: impl Into<Byt
     let auth = bearer(KEYED_KEY);
     let mut h = vec![("authorization", auth.as_str())];
     h.extend_from_slice(extra);
-    send(edge.addr, Method::POST, "keyed.arkor.app", "/v1/chat/completions", &h, body).await
+    send(
+        edge.addr,
+        Method::POST,
+        "keyed.arkor.app",
+        "/v1/chat/completions",
+        &h,
+        body,
+    )
+    .await
 }
 
 #[tokio::test]
@@ -47,7 +57,11 @@ async fn the_backend_only_ever_sees_the_pinned_model() {
         // Exactly one top-level model, the pinned one, whichever way the backend reads it.
         let text = std::str::from_utf8(&seen.body).unwrap();
         assert_eq!(seen.json()["model"], KEYED_MODEL, "{body} -> {text}");
-        assert_eq!(text.matches(r#""model":"job-1:step-7""#).count(), 1, "{text}");
+        assert_eq!(
+            text.matches(r#""model":"job-1:step-7""#).count(),
+            1,
+            "{text}"
+        );
         assert!(!text.starts_with(r#"{"model":"job-1:step-7","model""#));
         let top: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text).unwrap();
         assert_eq!(top.keys().filter(|k| *k == "model").count(), 1);
@@ -78,7 +92,11 @@ async fn bodies_that_are_not_json_objects_are_400_and_never_forwarded() {
         r#"{"a":1}{"model":"job-2"}"#,
     ] {
         let a = post_keyed(&edge, &[], body).await;
-        assert_eq!((a.status.as_u16(), a.code().as_str()), (400, "invalid_body"), "{body:?}");
+        assert_eq!(
+            (a.status.as_u16(), a.code().as_str()),
+            (400, "invalid_body"),
+            "{body:?}"
+        );
         assert_eq!(a.headers["x-should-retry"], "false");
     }
     assert!(backend.seen().is_empty());
@@ -209,7 +227,9 @@ async fn a_client_that_goes_away_cancels_the_upstream_stream() {
     assert!(backend.events().is_empty());
     drop(body);
     assert!(
-        backend.wait_event("closed:endless", Duration::from_secs(3)).await,
+        backend
+            .wait_event("closed:endless", Duration::from_secs(3))
+            .await,
         "the backend kept streaming after the client left: {:?}",
         backend.events()
     );
@@ -236,7 +256,9 @@ async fn a_client_that_goes_away_before_the_head_cancels_too() {
     assert_eq!(backend.seen().len(), 1);
     drop(s);
     assert!(
-        backend.wait_event("closed:hang", Duration::from_secs(3)).await,
+        backend
+            .wait_event("closed:hang", Duration::from_secs(3))
+            .await,
         "the backend kept working after the client left"
     );
     edge.stop().await;
@@ -251,7 +273,10 @@ async fn backend_errors_pass_through_with_hop_by_hop_headers_dropped() {
         assert_eq!(a.status.as_u16(), status);
         assert_eq!(a.json()["error"]["code"], "backend_code");
         assert_eq!(a.headers["x-backend"], "yes");
-        assert!(a.headers.get("x-hop").is_none(), "connection-listed header passed");
+        assert!(
+            a.headers.get("x-hop").is_none(),
+            "connection-listed header passed"
+        );
         assert!(a.headers.get("keep-alive").is_none());
     }
     edge.stop().await;
@@ -265,7 +290,8 @@ async fn a_broken_stream_ends_with_an_error_event() {
     let text = a.text();
     let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
     assert_eq!(events.len(), 2, "{text}");
-    let last: serde_json::Value = serde_json::from_str(events[1].strip_prefix("data: ").unwrap()).unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(events[1].strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(last["error"]["code"], "upstream_error");
     assert_eq!(last["error"]["type"], "server_error");
     assert!(!text.contains("[DONE]"));
@@ -288,9 +314,16 @@ async fn a_silent_stream_ends_with_an_error_event() {
 async fn no_response_head_in_time_is_504() {
     let (edge, backend) = edge_with("[timeouts]\nupstream_first_byte = \"300ms\"\n").await;
     let a = post_keyed(&edge, &[("x-mock", "hang")], chat("x", false)).await;
-    assert_eq!((a.status.as_u16(), a.code().as_str()), (504, "upstream_timeout"));
+    assert_eq!(
+        (a.status.as_u16(), a.code().as_str()),
+        (504, "upstream_timeout")
+    );
     assert_eq!(a.json()["error"]["type"], "server_error");
-    assert!(backend.wait_event("closed:hang", Duration::from_secs(3)).await);
+    assert!(
+        backend
+            .wait_event("closed:hang", Duration::from_secs(3))
+            .await
+    );
     edge.stop().await;
 }
 
@@ -311,12 +344,19 @@ async fn refused_connections_are_retried_on_another_endpoint() {
         let a = post_keyed(&edge, &[], chat("x", false)).await;
         assert_eq!(a.status, 200, "{}", a.text());
     }
-    assert_eq!(backend.seen().len(), 4, "each request reached the live backend exactly once");
+    assert_eq!(
+        backend.seen().len(),
+        4,
+        "each request reached the live backend exactly once"
+    );
     edge.stop().await;
 
     let edge = TestEdge::start(&[dead.clone(), dead_endpoint().await], "").await;
     let a = post_keyed(&edge, &[], chat("x", false)).await;
-    assert_eq!((a.status.as_u16(), a.code().as_str()), (503, "upstream_unavailable"));
+    assert_eq!(
+        (a.status.as_u16(), a.code().as_str()),
+        (503, "upstream_unavailable")
+    );
     assert_eq!(a.headers["retry-after"], "1");
     assert_eq!(a.headers["retry-after-ms"], "1000");
     edge.stop().await;
@@ -326,7 +366,12 @@ async fn refused_connections_are_retried_on_another_endpoint() {
     let statuses: Vec<u16> = {
         let mut v = Vec::new();
         for _ in 0..2 {
-            v.push(post_keyed(&edge, &[], chat("x", false)).await.status.as_u16());
+            v.push(
+                post_keyed(&edge, &[], chat("x", false))
+                    .await
+                    .status
+                    .as_u16(),
+            );
         }
         v.sort();
         v
@@ -338,8 +383,19 @@ async fn refused_connections_are_retried_on_another_endpoint() {
 #[tokio::test]
 async fn a_model_no_pool_serves_is_503() {
     let (edge, backend) = edge_with("").await;
-    let a = send(edge.addr, Method::POST, "nopool.arkor.app", "/v1/chat/completions", &[], chat("x", false)).await;
-    assert_eq!((a.status.as_u16(), a.code().as_str()), (503, "upstream_unavailable"));
+    let a = send(
+        edge.addr,
+        Method::POST,
+        "nopool.arkor.app",
+        "/v1/chat/completions",
+        &[],
+        chat("x", false),
+    )
+    .await;
+    assert_eq!(
+        (a.status.as_u16(), a.code().as_str()),
+        (503, "upstream_unavailable")
+    );
     assert!(backend.seen().is_empty());
     edge.stop().await;
 }
@@ -347,8 +403,18 @@ async fn a_model_no_pool_serves_is_503() {
 #[tokio::test]
 async fn hop_by_hop_and_forwarding_headers_are_rewritten() {
     let (edge, backend) = edge_with("").await;
-    let a = post_keyed(&edge, &[("connection", "x-secret"), ("x-secret", "1"),
-        ("x-forwarded-for", "6.6.6.6"), ("cookie", "s=1"), ("x-stainless-os", "Linux")], chat("x", false)).await;
+    let a = post_keyed(
+        &edge,
+        &[
+            ("connection", "x-secret"),
+            ("x-secret", "1"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("cookie", "s=1"),
+            ("x-stainless-os", "Linux"),
+        ],
+        chat("x", false),
+    )
+    .await;
     assert_eq!(a.status, 200);
     let h = &backend.seen()[0].headers;
     assert!(h.get("x-secret").is_none());
@@ -394,7 +460,15 @@ async fn the_builtin_echo_streams_the_last_user_message() {
     let edge = TestEdge::start(&["http://127.0.0.1:9".to_owned()], "").await;
     let body = r#"{"model":"x","stream":true,"stream_options":{"include_usage":true},
         "messages":[{"role":"user","content":"one two three"}]}"#;
-    let a = send(edge.addr, Method::POST, "echo.arkor.app", "/v1/chat/completions", &[], body).await;
+    let a = send(
+        edge.addr,
+        Method::POST,
+        "echo.arkor.app",
+        "/v1/chat/completions",
+        &[],
+        body,
+    )
+    .await;
     assert_eq!(a.status, 200);
     let text = a.text();
     let mut content = String::new();

@@ -196,7 +196,14 @@ fn sse_event(n: usize) -> Bytes {
     ))
 }
 
-fn sse(what: &str, s: &Shared, plan: impl FnOnce(mpsc::Sender<Result<Bytes, std::io::Error>>, Arc<Notify>) -> tokio::task::JoinHandle<()>) -> Response<BoxBody> {
+fn sse(
+    what: &str,
+    s: &Shared,
+    plan: impl FnOnce(
+        mpsc::Sender<Result<Bytes, std::io::Error>>,
+        Arc<Notify>,
+    ) -> tokio::task::JoinHandle<()>,
+) -> Response<BoxBody> {
     let (tx, rx) = mpsc::channel(4);
     plan(tx, Arc::clone(&s.gate));
     let body = ChannelBody {
@@ -208,14 +215,20 @@ fn sse(what: &str, s: &Shared, plan: impl FnOnce(mpsc::Sender<Result<Bytes, std:
         },
     };
     let mut r = Response::new(body.boxed());
-    r.headers_mut()
-        .insert("content-type", HeaderValue::from_static("text/event-stream"));
+    r.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream"),
+    );
     r
 }
 
 async fn answer(s: Shared, req: Request<Incoming>) -> Response<BoxBody> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let mock = parts
         .headers
         .get("x-mock")
@@ -289,9 +302,7 @@ async fn answer(s: Shared, req: Request<Incoming>) -> Response<BoxBody> {
             tokio::spawn(async move {
                 let _ = tx.send(Ok(sse_event(0))).await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                let _ = tx
-                    .send(Err(std::io::Error::other("backend crashed")))
-                    .await;
+                let _ = tx.send(Err(std::io::Error::other("backend crashed"))).await;
             })
         }),
         "hang" => {

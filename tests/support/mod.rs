@@ -143,7 +143,10 @@ impl Answer {
     }
 
     pub fn code(&self) -> String {
-        self.json()["error"]["code"].as_str().unwrap_or("").to_owned()
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
     }
 
     pub fn text(&self) -> String {
