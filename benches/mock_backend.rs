@@ -78,7 +78,10 @@ fn main() -> std::io::Result<()> {
         .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await?;
-        println!("mock backend on {} ({chunks} chunks per stream)", listener.local_addr()?);
+        println!(
+            "mock backend on {} ({chunks} chunks per stream)",
+            listener.local_addr()?
+        );
         let builder = auto::Builder::new(TokioExecutor::new());
         loop {
             let (stream, _) = listener.accept().await?;
@@ -89,18 +92,35 @@ fn main() -> std::io::Result<()> {
                 let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let events = Arc::clone(&events);
                     async move {
-                        let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
                         let stream = memchr::memmem::find(&body, b"\"stream\":true").is_some();
                         let mut r: Response<BoxBody> = if stream {
                             let mut r = Response::new(Events { events, next: 0 }.boxed());
-                            r.headers_mut().insert("content-type", HeaderValue::from_static("text/event-stream"));
+                            r.headers_mut().insert(
+                                "content-type",
+                                HeaderValue::from_static("text/event-stream"),
+                            );
                             r
                         } else {
-                            let mut r = Response::new(http_body_util::Full::new(Bytes::from_static(COMPLETION.as_bytes())).boxed());
-                            r.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+                            let mut r = Response::new(
+                                http_body_util::Full::new(Bytes::from_static(
+                                    COMPLETION.as_bytes(),
+                                ))
+                                .boxed(),
+                            );
+                            r.headers_mut().insert(
+                                "content-type",
+                                HeaderValue::from_static("application/json"),
+                            );
                             r
                         };
-                        r.headers_mut().insert("x-mock", HeaderValue::from_static("1"));
+                        r.headers_mut()
+                            .insert("x-mock", HeaderValue::from_static("1"));
                         Ok::<_, Infallible>(r)
                     }
                 });
