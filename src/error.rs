@@ -294,18 +294,14 @@ impl EdgeError {
         )
     }
 
-    /// The whole error response: status, JSON envelope, retry hints and CORS header. The caller
-    /// adds the request id.
+    /// The whole error response: status, JSON envelope and retry hints. The router adds what
+    /// every response carries (request id, CORS).
     pub fn into_response<B: From<Bytes>>(self) -> Response<B> {
         let rendered = self.render();
         let mut response = Response::new(B::from(Bytes::from_static(rendered.body.as_bytes())));
         *response.status_mut() = rendered.status;
         let h = response.headers_mut();
         h.insert(CONTENT_TYPE, headers::APPLICATION_JSON.clone());
-        h.insert(
-            http::header::ACCESS_CONTROL_ALLOW_ORIGIN,
-            HeaderValue::from_static("*"),
-        );
         if self.transient() {
             h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             h.insert(&headers::RETRY_AFTER_MS, HeaderValue::from_static("1000"));
@@ -437,7 +433,6 @@ mod tests {
         let r: Response<Full<Bytes>> = EdgeError::MethodNotAllowed("GET, OPTIONS").into_response();
         assert_eq!(r.headers()["allow"], "GET, OPTIONS");
         assert_eq!(r.headers()["content-type"], "application/json");
-        assert_eq!(r.headers()["access-control-allow-origin"], "*");
     }
 
     #[test]

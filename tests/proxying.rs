@@ -456,6 +456,42 @@ async fn http2_clients_and_h2c_backends() {
 }
 
 #[tokio::test]
+async fn an_http2_stream_reset_cancels_the_upstream_stream() {
+    let (edge, backend) = edge_with("").await;
+    let tcp = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("http://keyed.arkor.app/v1/chat/completions")
+        .header("authorization", bearer(KEYED_KEY))
+        .header("x-mock", "endless")
+        .body(Full::new(Bytes::from(chat("x", true))))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    // Dropping the body resets the stream; the connection itself stays open.
+    drop(body);
+    assert!(
+        backend
+            .wait_event("closed:endless", Duration::from_secs(3))
+            .await,
+        "the backend kept streaming after the client reset the stream"
+    );
+    // The connection still serves other requests.
+    let req = Request::get("http://keyed.arkor.app/v1/models")
+        .header("authorization", bearer(KEYED_KEY))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+    edge.stop().await;
+}
+
+#[tokio::test]
 async fn the_builtin_echo_streams_the_last_user_message() {
     let edge = TestEdge::start(&["http://127.0.0.1:9".to_owned()], "").await;
     let body = r#"{"model":"x","stream":true,"stream_options":{"include_usage":true},
