@@ -20,10 +20,18 @@ use crate::proxy::pool::{EndpointSpec, Flavor};
 pub struct Config {
     /// Domains under which `<slug>.<base>` is served.
     pub base_domains: Vec<String>,
+    /// Where the applied control-plane state is persisted (static stability).
+    pub state_dir: PathBuf,
     /// Listening addresses.
     pub listen: Listen,
+    /// The admin listener's credentials and limits.
+    pub admin: Admin,
     /// Where deployments and keys come from.
     pub control_plane: ControlPlane,
+    /// Usage reporting.
+    pub usage: Usage,
+    /// Logging.
+    pub log: Log,
     /// Backend pools, chosen by a deployment's base model.
     pub pools: Vec<PoolConfig>,
     /// Size and count limits.
@@ -39,8 +47,12 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             base_domains: vec!["arkor.app".to_owned()],
+            state_dir: PathBuf::from("../var/state"),
             listen: Listen::default(),
+            admin: Admin::default(),
             control_plane: ControlPlane::default(),
+            usage: Usage::default(),
+            log: Log::default(),
             pools: Vec::new(),
             limits: Limits::default(),
             timeouts: Timeouts::default(),
@@ -55,34 +67,184 @@ impl Default for Config {
 pub struct Listen {
     /// Plain HTTP (HTTP/1.1 and h2c prior knowledge); `""` disables it.
     pub http: String,
+    /// Admin listener (health, metrics, push); `""` disables it.
+    pub admin: String,
 }
 
 impl Default for Listen {
     fn default() -> Self {
         Listen {
             http: "127.0.0.1:8080".to_owned(),
+            admin: "127.0.0.1:9090".to_owned(),
         }
     }
 }
 
-/// `[control_plane]`.
+/// A credential from config: the value, a file holding it, or an environment variable.
+/// `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Box<str>);
+
+impl Secret {
+    /// The credential itself, for an outgoing `Authorization` header.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Compares a presented value in time independent of where they differ.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use sha2::{Digest, Sha256};
+        let a = Sha256::digest(self.0.as_bytes());
+        let b = Sha256::digest(presented);
+        a.iter()
+            .zip(b.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// Bearer token for `/admin/…` (or `token_file`, or `token_env`). Without one, `/admin/…`
+    /// answers 401 and only health and metrics are served.
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub token_env: Option<String>,
+    /// Largest pushed batch.
+    pub max_body_bytes: usize,
+    /// The resolved token.
+    #[serde(skip)]
+    pub secret: Option<Secret>,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            token: None,
+            token_file: None,
+            token_env: None,
+            max_body_bytes: 16 * 1024 * 1024,
+            secret: None,
+        }
+    }
+}
+
+/// `[usage]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Usage {
+    /// How often usage is posted to the control plane (pull mode).
+    #[serde(with = "humantime_serde")]
+    pub report_interval: Duration,
+    /// Most (deployment, key) pairs held between reports; beyond it, new pairs are counted in
+    /// metrics only and a warning is logged.
+    pub max_entries: usize,
+}
+
+impl Default for Usage {
+    fn default() -> Self {
+        Usage {
+            report_interval: Duration::from_secs(10),
+            max_entries: 100_000,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// Default filter (`RUST_LOG` overrides it): `error`, `warn`, `info`, `debug`, `trace`, or
+    /// a tracing filter such as `info,arkor_edge::access=off`.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// One line per request at `info` on the `arkor_edge::access` target.
+    pub access: bool,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+            access: true,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `[control_plane]`: a snapshot file (the default) or a control-plane URL to pull from.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlPlane {
-    /// Snapshot file, relative to the config file; re-read when it changes.
-    pub file: PathBuf,
+    /// Snapshot file, relative to the config file; re-read when it changes. Defaults to
+    /// `deployments.json` when no `url` is set.
+    pub file: Option<PathBuf>,
+    /// Control plane base URL (`http://…`): snapshot, event stream and usage reports.
+    pub url: Option<String>,
+    /// Bearer token sent to the control plane (or `token_file`, or `token_env`).
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub token_env: Option<String>,
     /// How often the file's metadata is checked for a change.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// Bound on a snapshot download or a usage post.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// An event stream silent for longer than this is reconnected (the control plane is
+    /// expected to send keep-alive comments).
+    #[serde(with = "humantime_serde")]
+    pub stream_idle: Duration,
+    /// Longest pause between reconnection attempts (the backoff starts at 100 ms, doubles, and
+    /// is jittered).
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// The resolved token.
+    #[serde(skip)]
+    pub secret: Option<Secret>,
 }
 
 impl Default for ControlPlane {
     fn default() -> Self {
         ControlPlane {
-            file: PathBuf::from("deployments.json"),
+            file: None,
+            url: None,
+            token: None,
+            token_file: None,
+            token_env: None,
             poll_interval: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(10),
+            stream_idle: Duration::from_secs(60),
+            backoff_max: Duration::from_secs(30),
+            secret: None,
         }
     }
+}
+
+/// Where deployments and keys come from, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateSource {
+    /// A snapshot file (absolute path).
+    File(PathBuf),
+    /// A control plane to pull from: base URL without a trailing slash.
+    Pull(String),
 }
 
 /// One `[[pools]]` entry.
@@ -230,6 +392,25 @@ impl Config {
         self.listen.http.parse().ok()
     }
 
+    /// The admin listen address, if enabled (validated).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.listen.admin.parse().ok()
+    }
+
+    /// Where deployments and keys come from.
+    pub fn state_source(&self) -> StateSource {
+        match (&self.control_plane.url, &self.control_plane.file) {
+            (Some(url), _) => StateSource::Pull(url.trim_end_matches('/').to_owned()),
+            (None, Some(file)) => StateSource::File(self.resolve(file)),
+            (None, None) => StateSource::File(self.resolve(Path::new("deployments.json"))),
+        }
+    }
+
+    /// The persisted-state folder, resolved.
+    pub fn state_dir(&self) -> PathBuf {
+        self.resolve(&self.state_dir)
+    }
+
     /// Base domains, normalised (validated).
     pub fn normalised_base_domains(&self) -> Vec<String> {
         self.base_domains
@@ -256,14 +437,44 @@ impl Config {
                 self.listen.http
             ));
         }
-        if self.control_plane.file.as_os_str().is_empty() {
-            problems.push("control_plane.file: must name a snapshot file".to_owned());
+        if !self.listen.admin.is_empty() && self.listen.admin.parse::<SocketAddr>().is_err() {
+            problems.push(format!(
+                "listen.admin: {:?} is not an address like \"127.0.0.1:9090\"",
+                self.listen.admin
+            ));
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            problems.push("state_dir: must name a folder".to_owned());
+        }
+        self.validate_control_plane(&mut problems);
+        let a = &self.admin;
+        match resolve_secret(
+            "admin",
+            &a.token,
+            &a.token_file,
+            &a.token_env,
+            &self.base_dir,
+        ) {
+            Ok(secret) => self.admin.secret = secret,
+            Err(e) => problems.push(e),
+        }
+        if !(1..=1 << 30).contains(&self.admin.max_body_bytes) {
+            problems.push("admin.max_body_bytes: must be between 1 and 1073741824".to_owned());
         }
         positive(
             &mut problems,
-            "control_plane.poll_interval",
-            self.control_plane.poll_interval,
+            "usage.report_interval",
+            self.usage.report_interval,
         );
+        if self.usage.max_entries == 0 {
+            problems.push("usage.max_entries: must be at least 1".to_owned());
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            problems.push(format!(
+                "log.level: {:?} is not a log filter",
+                self.log.level
+            ));
+        }
         self.validate_pools(&mut problems);
         let l = &self.limits;
         if !(1..=1 << 30).contains(&l.max_body_bytes) {
@@ -289,6 +500,42 @@ impl Config {
             Ok(())
         } else {
             Err(ConfigError(problems))
+        }
+    }
+
+    fn validate_control_plane(&mut self, problems: &mut Vec<String>) {
+        let cp = &self.control_plane;
+        if cp.url.is_some() && cp.file.is_some() {
+            problems.push("control_plane: set either file or url, not both".to_owned());
+        }
+        if cp.file.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+            problems.push("control_plane.file: must name a snapshot file".to_owned());
+        }
+        if let Some(url) = &cp.url {
+            let ok = url.parse::<http::Uri>().is_ok_and(|u| {
+                u.scheme_str() == Some("http") && u.authority().is_some() && u.query().is_none()
+            });
+            if !ok {
+                problems.push(format!("control_plane.url: {url:?} is not an http:// URL"));
+            }
+        }
+        for (name, d) in [
+            ("control_plane.poll_interval", cp.poll_interval),
+            ("control_plane.request_timeout", cp.request_timeout),
+            ("control_plane.stream_idle", cp.stream_idle),
+            ("control_plane.backoff_max", cp.backoff_max),
+        ] {
+            positive(problems, name, d);
+        }
+        match resolve_secret(
+            "control_plane",
+            &cp.token,
+            &cp.token_file,
+            &cp.token_env,
+            &self.base_dir,
+        ) {
+            Ok(secret) => self.control_plane.secret = secret,
+            Err(e) => problems.push(e),
         }
     }
 
@@ -339,6 +586,46 @@ impl Config {
     }
 }
 
+/// Reads a credential from exactly one of `token`, `token_file` (relative to the config file)
+/// and `token_env`.
+fn resolve_secret(
+    table: &str,
+    token: &Option<String>,
+    file: &Option<PathBuf>,
+    env: &Option<String>,
+    base_dir: &Path,
+) -> Result<Option<Secret>, String> {
+    let value = match (token, file, env) {
+        (None, None, None) => return Ok(None),
+        (Some(t), None, None) => t.clone(),
+        (None, Some(f), None) => {
+            let path = if f.is_absolute() {
+                f.clone()
+            } else {
+                base_dir.join(f)
+            };
+            std::fs::read_to_string(&path)
+                .map_err(|e| format!("{table}.token_file: {}: {e}", path.display()))?
+                .trim()
+                .to_owned()
+        }
+        (None, None, Some(var)) => {
+            std::env::var(var).map_err(|_| format!("{table}.token_env: ${var} is not set"))?
+        }
+        _ => {
+            return Err(format!(
+                "{table}: set only one of token, token_file and token_env"
+            ));
+        }
+    };
+    if value.is_empty() || value.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+        return Err(format!(
+            "{table}.token: must be non-empty visible ASCII without spaces"
+        ));
+    }
+    Ok(Some(Secret(value.into())))
+}
+
 fn positive(problems: &mut Vec<String>, name: &str, d: Duration) {
     if d.is_zero() {
         problems.push(format!("{name}: must be longer than zero"));
@@ -361,9 +648,13 @@ mod tests {
         assert_eq!(c.limits.max_body_bytes, 16 * 1024 * 1024);
         assert_eq!(c.timeouts.upstream_first_byte, Duration::from_secs(120));
         assert_eq!(
-            c.resolve(&c.control_plane.file),
-            Path::new("/etc/arkor/deployments.json")
+            c.state_source(),
+            StateSource::File(PathBuf::from("/etc/arkor/deployments.json"))
         );
+        assert_eq!(c.admin_addr(), Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(c.state_dir(), Path::new("/etc/arkor/../var/state"));
+        assert!(c.admin.secret.is_none());
+        assert_eq!(c.log.format, LogFormat::Text);
     }
 
     #[test]
@@ -399,7 +690,10 @@ upstream_idle = "2m 30s"
         assert_eq!(c.pools[1].retries, 2);
         assert_eq!(c.pools[1].flavor, Flavor::OpenAi);
         assert_eq!(c.control_plane.poll_interval, Duration::from_millis(250));
-        assert_eq!(c.resolve(&c.control_plane.file), Path::new("/srv/d.json"));
+        assert_eq!(
+            c.state_source(),
+            StateSource::File(PathBuf::from("/srv/d.json"))
+        );
         assert_eq!(c.timeouts.upstream_idle, Duration::from_secs(150));
     }
 
@@ -464,6 +758,57 @@ upstream_connect = "0s"
             assert!(all.contains(needle), "missing {needle} in:\n{all}");
         }
         assert_eq!(e.0.len(), 10, "{all}");
+    }
+
+    #[test]
+    fn pull_mode_and_secrets() {
+        let c = parse(
+            "[control_plane]\nurl = \"http://127.0.0.1:7000/\"\ntoken = \"cp-token\"\n[admin]\ntoken = \"adm\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.state_source(),
+            StateSource::Pull("http://127.0.0.1:7000".to_owned())
+        );
+        assert_eq!(
+            c.control_plane.secret.as_ref().unwrap().expose(),
+            "cp-token"
+        );
+        assert!(c.admin.secret.as_ref().unwrap().matches(b"adm"));
+        assert!(!c.admin.secret.as_ref().unwrap().matches(b"adm2"));
+        assert_eq!(format!("{:?}", c.admin.secret), "Some(Secret(…))");
+
+        let e = parse("[control_plane]\nurl = \"ftp://x\"\nfile = \"d.json\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("either file or url"), "{e}");
+        assert!(e.contains("control_plane.url"), "{e}");
+        let e = parse("[admin]\ntoken = \"a\"\ntoken_env = \"B\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only one of"), "{e}");
+        let e = parse("[admin]\ntoken_env = \"ARKOR_TEST_SURELY_UNSET_VAR\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin.token_env"), "{e}");
+        let e = parse("[admin]\ntoken = \"two words\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin.token"), "{e}");
+        let e = parse("[log]\nformat = \"xml\"\n").unwrap_err().to_string();
+        assert!(e.contains("xml"), "{e}");
+    }
+
+    #[test]
+    fn token_file_is_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("admin.token"), "s3cret\n").unwrap();
+        let c = Config::from_toml(
+            "[admin]\ntoken_file = \"admin.token\"\n",
+            dir.path().to_path_buf(),
+        )
+        .unwrap();
+        assert!(c.admin.secret.unwrap().matches(b"s3cret"));
     }
 
     #[test]

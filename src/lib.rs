@@ -22,12 +22,14 @@ pub mod config;
 pub mod error;
 pub mod headers;
 pub mod host;
+pub mod metrics;
 pub mod proxy;
 pub mod registry;
 pub mod router;
 pub mod server;
 pub mod stream;
 pub mod sync;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -77,8 +79,16 @@ impl Running {
 pub async fn start(config: Config) -> Result<Running, String> {
     let pools = Arc::new(Pools::from_config(&config.pools)?);
     let registry = Arc::new(Registry::new(pools));
+    let path = match config.state_source() {
+        config::StateSource::File(path) => path,
+        config::StateSource::Pull(url) => {
+            return Err(format!(
+                "control_plane.url: pulling from {url} is not wired yet"
+            ));
+        }
+    };
     let mut file = FileSource::new(
-        config.resolve(&config.control_plane.file),
+        path,
         config.control_plane.poll_interval,
         Arc::clone(&registry),
     );

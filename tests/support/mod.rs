@@ -58,6 +58,43 @@ pub fn fixture(revision: u64) -> Value {
     })
 }
 
+/// A config for tests: ephemeral ports, state in the config folder, the `test` pool over
+/// `endpoints` (with `pool_extra` lines), the `demo` echo pool, the given `[control_plane]` table
+/// body, and `extra` appended.
+pub fn config_toml(
+    endpoints: &[String],
+    pool_extra: &str,
+    control_plane: &str,
+    extra: &str,
+) -> String {
+    let endpoints = endpoints
+        .iter()
+        .map(|e| format!("{e:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"
+base_domains = ["arkor.app"]
+state_dir = "state"
+[listen]
+http = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[control_plane]
+{control_plane}
+[[pools]]
+name = "test"
+base_models = ["test/model"]
+endpoints = [{endpoints}]
+{pool_extra}
+[[pools]]
+name = "demo"
+base_models = ["demo/echo"]
+endpoints = ["builtin:echo"]
+{extra}
+"#
+    )
+}
+
 pub struct TestEdge {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
@@ -75,32 +112,18 @@ impl TestEdge {
     pub async fn start_pool(endpoints: &[String], pool_extra: &str, extra: &str) -> TestEdge {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("deployments.json"), fixture(1).to_string()).unwrap();
-        let endpoints = endpoints
-            .iter()
-            .map(|e| format!("{e:?}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let toml = format!(
-            r#"
-base_domains = ["arkor.app"]
-[listen]
-http = "127.0.0.1:0"
-[control_plane]
-file = "deployments.json"
-poll_interval = "20ms"
-[[pools]]
-name = "test"
-base_models = ["test/model"]
-endpoints = [{endpoints}]
-{pool_extra}
-[[pools]]
-name = "demo"
-base_models = ["demo/echo"]
-endpoints = ["builtin:echo"]
-{extra}
-"#
-        );
-        let config = Config::from_toml(&toml, dir.path().to_path_buf()).expect("test config");
+        let control_plane = "file = \"deployments.json\"\npoll_interval = \"20ms\"";
+        Self::launch(
+            dir,
+            &config_toml(endpoints, pool_extra, control_plane, extra),
+        )
+        .await
+    }
+
+    /// Starts the edge on `toml` with `dir` as its config folder (for snapshot files, tokens
+    /// and the state folder).
+    pub async fn launch(dir: tempfile::TempDir, toml: &str) -> TestEdge {
+        let config = Config::from_toml(toml, dir.path().to_path_buf()).expect("test config");
         let running = arkor_edge::start(config).await.expect("edge starts");
         TestEdge {
             addr: running.http_addr,

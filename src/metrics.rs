@@ -1,0 +1,99 @@
+//! Metric names, described once, and the Prometheus recorder.
+//!
+//! Labels are bounded sets only (status class, error code, pool, endpoint, sync result): never a
+//! slug or a key, since a fleet has millions of them.
+
+use std::sync::OnceLock;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Requests answered, by `class` (`2xx`…`5xx`) and `code` (the edge's error code, or
+/// `upstream` when the backend's own status was passed through).
+pub const REQUESTS: &str = "arkor_edge_requests_total";
+/// From request head to the end of the response body, seconds.
+pub const REQUEST_DURATION: &str = "arkor_edge_request_duration_seconds";
+/// From sending to a backend to its response head, seconds.
+pub const UPSTREAM_TTFB: &str = "arkor_edge_upstream_ttfb_seconds";
+/// Response body bytes sent to clients.
+pub const RESPONSE_BYTES: &str = "arkor_edge_response_bytes_total";
+/// Highest control-plane revision applied.
+pub const REVISION: &str = "arkor_edge_state_revision";
+/// Deployments and keys held (`kind` = `deployments` | `keys`).
+pub const ENTRIES: &str = "arkor_edge_state_entries";
+/// Control-plane changes by `source` (`file`, `pull`, `push`) and `result`
+/// (`applied`, `stale`, `rejected`).
+pub const SYNC_EVENTS: &str = "arkor_edge_sync_events_total";
+/// Reconnections of the pull stream.
+pub const SYNC_RECONNECTS: &str = "arkor_edge_sync_reconnects_total";
+/// Seconds since the control plane was last heard from (pull mode).
+pub const SYNC_LAG: &str = "arkor_edge_sync_lag_seconds";
+/// Persisted-state writes by `result` (`ok`, `failed`).
+pub const STATE_WRITES: &str = "arkor_edge_state_writes_total";
+/// Tokens counted from backend `usage` objects, by `kind` (`prompt`, `completion`).
+pub const USAGE_TOKENS: &str = "arkor_edge_usage_tokens_total";
+/// Usage reports posted, by `result` (`ok`, `failed`, `dropped`).
+pub const USAGE_REPORTS: &str = "arkor_edge_usage_reports_total";
+
+/// The process-wide Prometheus recorder (installed on first use; later calls share it).
+pub fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0, 120.0,
+                ])
+                .map(PrometheusBuilder::build_recorder);
+            match recorder {
+                Ok(recorder) => {
+                    let handle = recorder.handle();
+                    // Fails only when another recorder is already installed; the handle then
+                    // renders an empty page rather than stopping the edge.
+                    let _ = metrics::set_global_recorder(recorder);
+                    describe();
+                    handle
+                }
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(REQUESTS, "Requests answered, by status class and code.");
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Request head to end of response body."
+    );
+    describe_histogram!(
+        UPSTREAM_TTFB,
+        Unit::Seconds,
+        "Upstream request to response head."
+    );
+    describe_counter!(
+        RESPONSE_BYTES,
+        Unit::Bytes,
+        "Response body bytes sent to clients."
+    );
+    describe_gauge!(REVISION, "Highest control-plane revision applied.");
+    describe_gauge!(ENTRIES, "Deployments and keys held.");
+    describe_counter!(SYNC_EVENTS, "Control-plane changes by source and result.");
+    describe_counter!(
+        SYNC_RECONNECTS,
+        "Reconnections of the control-plane event stream."
+    );
+    describe_gauge!(
+        SYNC_LAG,
+        Unit::Seconds,
+        "Seconds since the control plane was last heard from."
+    );
+    describe_counter!(STATE_WRITES, "Persisted-state writes by result.");
+    describe_counter!(USAGE_TOKENS, "Tokens counted from backend usage objects.");
+    describe_counter!(
+        USAGE_REPORTS,
+        "Usage reports posted to the control plane, by result."
+    );
+}
