@@ -17,6 +17,8 @@
 //! registry). [`start`] wires everything on already-chosen addresses, so tests run the whole edge
 //! on port 0.
 
+pub mod access;
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod error;
@@ -38,18 +40,24 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use config::Config;
+use config::{Config, StateSource};
 use proxy::Upstreams;
 use proxy::pool::Pools;
-use registry::Registry;
+use registry::{Registry, persist};
 use router::Edge;
 use server::ServerLimits;
+use sync::SyncStatus;
 use sync::file::FileSource;
+use sync::pull::{PullSettings, PullSource};
+use usage::UsageSink;
+use usage::report::Reporter;
 
 /// A running edge.
 pub struct Running {
     /// Where the plain HTTP listener is bound.
     pub http_addr: SocketAddr,
+    /// Where the admin listener is bound, if enabled.
+    pub admin_addr: Option<SocketAddr>,
     /// The registry the edge serves from.
     pub registry: Arc<Registry>,
     shutdown: CancellationToken,
@@ -74,31 +82,88 @@ impl Running {
     }
 }
 
-/// Loads the first state, binds the listeners and starts serving. Fails when the first state
-/// cannot be loaded or an address cannot be bound.
+/// Loads the first state, binds the listeners and starts serving.
+///
+/// The state comes from the persisted copy in `state_dir` (if any), then the configured source.
+/// With a snapshot file, a start fails only when neither can be read. With a control plane, a
+/// control plane that is down never stops the start: the persisted state is served (or nothing,
+/// with `/readyz` at 503) while the pull loop keeps trying.
 pub async fn start(config: Config) -> Result<Running, String> {
+    let metrics = metrics::handle();
     let pools = Arc::new(Pools::from_config(&config.pools)?);
     let registry = Arc::new(Registry::new(pools));
-    let path = match config.state_source() {
-        config::StateSource::File(path) => path,
-        config::StateSource::Pull(url) => {
-            return Err(format!(
-                "control_plane.url: pulling from {url} is not wired yet"
-            ));
+    let status = Arc::new(SyncStatus::default());
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    let state_dir = config.state_dir();
+    match persist::load(&state_dir, &registry).await {
+        Ok(Some(r)) => tracing::info!(revision = r.revision, "persisted state loaded"),
+        Ok(None) => {}
+        Err(e) => tracing::warn!("persisted state ignored: {e}"),
+    }
+
+    let source = config.state_source();
+    let usage = Arc::new(UsageSink::new(
+        config.usage.max_entries,
+        matches!(source, StateSource::Pull(_)),
+    ));
+    let source_name = match source {
+        StateSource::File(path) => {
+            let mut file = FileSource::new(
+                path,
+                config.control_plane.poll_interval,
+                Arc::clone(&registry),
+                Arc::clone(&status),
+            );
+            match file.load_initial().await {
+                Ok(r) => tracing::info!(
+                    revision = r.revision,
+                    rejected = r.rejected.len(),
+                    "snapshot file loaded"
+                ),
+                Err(e) if registry.is_loaded() => {
+                    tracing::error!("{e}; serving the persisted state");
+                }
+                Err(e) => return Err(e),
+            }
+            tasks.spawn(file.watch(shutdown.clone()));
+            "file"
+        }
+        StateSource::Pull(url) => {
+            let cp = &config.control_plane;
+            let pull = PullSource::new(
+                url.clone(),
+                cp.secret.clone(),
+                Arc::clone(&registry),
+                Arc::clone(&status),
+                PullSettings {
+                    request_timeout: cp.request_timeout,
+                    stream_idle: cp.stream_idle,
+                    backoff_max: cp.backoff_max,
+                },
+            );
+            if !registry.is_loaded() {
+                if let Err(e) = pull.load_snapshot().await {
+                    tracing::error!("no state yet, the control plane is unreachable: {e}");
+                }
+            }
+            tasks.spawn(pull.run(shutdown.clone()));
+            let reporter = Reporter {
+                sink: Arc::clone(&usage),
+                endpoint: format!("{url}/v1/edge/usage"),
+                token: cp.secret.clone(),
+                interval: config.usage.report_interval,
+                timeout: cp.request_timeout,
+            };
+            tasks.spawn(reporter.run(shutdown.clone()));
+            "pull"
         }
     };
-    let mut file = FileSource::new(
-        path,
-        config.control_plane.poll_interval,
-        Arc::clone(&registry),
-    );
-    let report = file.load_initial().await?;
-    tracing::info!(
-        revision = report.revision,
-        objects = report.changed,
-        rejected = report.rejected.len(),
-        "control-plane state loaded"
-    );
+    let persister = persist::run(state_dir, Arc::clone(&registry), shutdown.clone());
+    tasks.spawn(async move {
+        persister.await;
+    });
 
     let addr = config
         .http_addr()
@@ -110,6 +175,28 @@ pub async fn start(config: Config) -> Result<Running, String> {
         .local_addr()
         .map_err(|e| format!("listen.http: {e}"))?;
 
+    let admin_addr = match config.admin_addr() {
+        None => None,
+        Some(addr) => {
+            let admin_listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("listen.admin: cannot bind {addr}: {e}"))?;
+            let bound = admin_listener
+                .local_addr()
+                .map_err(|e| format!("listen.admin: {e}"))?;
+            let admin = Arc::new(admin::Admin {
+                registry: Arc::clone(&registry),
+                status: Arc::clone(&status),
+                token: config.admin.secret.clone(),
+                metrics,
+                max_body_bytes: config.admin.max_body_bytes,
+                source: source_name,
+            });
+            tasks.spawn(admin::serve(admin_listener, admin, shutdown.clone()));
+            Some(bound)
+        }
+    };
+
     let t = &config.timeouts;
     let edge = Arc::new(Edge {
         registry: Arc::clone(&registry),
@@ -117,6 +204,8 @@ pub async fn start(config: Config) -> Result<Running, String> {
         base_domains: config.normalised_base_domains(),
         max_body_bytes: config.limits.max_body_bytes,
         client_body: t.client_body,
+        usage,
+        access_log: config.log.access,
     });
     let limits = ServerLimits {
         max_connections: config.limits.max_connections,
@@ -124,14 +213,11 @@ pub async fn start(config: Config) -> Result<Running, String> {
         client_header: t.client_header,
         shutdown_grace: t.shutdown_grace,
     };
-
-    let shutdown = CancellationToken::new();
-    let mut tasks = JoinSet::new();
-    tasks.spawn(file.watch(shutdown.clone()));
     tasks.spawn(server::serve(listener, edge, limits, shutdown.clone()));
-    tracing::info!(%http_addr, "serving");
+    tracing::info!(%http_addr, admin = ?admin_addr, source = source_name, "serving");
     Ok(Running {
         http_addr,
+        admin_addr,
         registry,
         shutdown,
         tasks,

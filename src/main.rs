@@ -4,19 +4,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use arkor_edge::config::Config;
+use arkor_edge::config::{Config, LogFormat};
 
 const USAGE: &str = "usage: arkor-edge [--config PATH]   (default: config/edge.toml)";
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-
     let mut args = std::env::args().skip(1);
     let mut path = PathBuf::from("config/edge.toml");
     while let Some(arg) = args.next() {
@@ -44,6 +36,7 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    init_logging(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -86,6 +79,21 @@ async fn wait_for_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Log lines go to stderr, as text or JSON; `RUST_LOG` overrides `log.level`.
+fn init_logging(log: &arkor_edge::config::Log) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
 }
 
 fn usage_error(why: &str) -> ExitCode {

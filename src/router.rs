@@ -10,13 +10,15 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::access::{Access, UsageTarget};
 use crate::auth;
 use crate::error::{EdgeError, Source};
 use crate::headers::{self as h};
 use crate::host::Slug;
 use crate::proxy::{self, Upstreams};
-use crate::registry::{AuthMode, Deployment, Registry};
+use crate::registry::{ApiKey, AuthMode, Deployment, Registry};
 use crate::stream::{EdgeBody, read_request_body};
+use crate::usage::UsageSink;
 
 /// What the edge does for a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +75,10 @@ pub struct Edge {
     pub base_domains: Vec<String>,
     pub max_body_bytes: usize,
     pub client_body: std::time::Duration,
+    /// Where proxied requests' usage is counted.
+    pub usage: Arc<UsageSink>,
+    /// Whether each request gets an access log line.
+    pub access_log: bool,
 }
 
 /// Per-connection facts the pipeline needs.
@@ -88,7 +94,8 @@ static EXPOSE_HEADERS: HeaderValue =
 /// Serves one request; never fails (errors become OpenAI error responses).
 pub async fn handle(edge: &Edge, conn: &ConnInfo, req: Request<Incoming>) -> Response<EdgeBody> {
     let request_id = h::request_id(req.headers());
-    let mut response = match serve(edge, conn, req, &request_id).await {
+    let mut access = Access::begin(request_id.clone(), edge.access_log);
+    let mut response = match serve(edge, conn, req, &request_id, &mut access).await {
         Ok(response) => response,
         Err(err) => {
             match err.source() {
@@ -99,9 +106,14 @@ pub async fn handle(edge: &Edge, conn: &ConnInfo, req: Request<Incoming>) -> Res
                     tracing::warn!(request_id = ?request_id, code = err.code(), "upstream failure")
                 }
             }
+            access.code = err.code();
             err.into_response()
         }
     };
+    access.status = response.status().as_u16();
+    if access.code == "ok" && access.status >= 400 {
+        access.code = "upstream";
+    }
     let headers = response.headers_mut();
     headers.insert(&h::X_REQUEST_ID, request_id);
     headers.insert(
@@ -112,20 +124,23 @@ pub async fn handle(edge: &Edge, conn: &ConnInfo, req: Request<Incoming>) -> Res
         header::ACCESS_CONTROL_EXPOSE_HEADERS,
         EXPOSE_HEADERS.clone(),
     );
+    response.body_mut().attach(access);
     response
 }
 
-/// SPEC §2's decision order, one early return per step.
+/// SPEC §2's decision order, one early return per step. Fills `access` as it learns.
 async fn serve(
     edge: &Edge,
     conn: &ConnInfo,
     req: Request<Incoming>,
     request_id: &HeaderValue,
+    access: &mut Access,
 ) -> Result<Response<EdgeBody>, EdgeError> {
     // 1. Host → slug → enabled deployment. Disabled and unknown look the same.
     let slug = host_of(&req)
         .and_then(|host| Slug::from_host(host, &edge.base_domains))
         .ok_or(EdgeError::DeploymentNotFound)?;
+    access.slug = Some(slug);
     let deployment = edge
         .registry
         .deployment(&slug)
@@ -138,14 +153,23 @@ async fn serve(
     }
 
     // 3. Key.
-    if deployment.auth_mode == AuthMode::FixedApiKey {
-        authenticate(&edge.registry, &deployment, &req)?;
-    }
+    let key = match deployment.auth_mode {
+        AuthMode::FixedApiKey => Some(authenticate(&edge.registry, &deployment, &req, access)?),
+        AuthMode::None => None,
+    };
 
     // 4. Route.
     match route(req.method(), req.uri().path())? {
         Action::Models => Ok(json(deployment.models_body.clone())),
-        Action::Proxy(path) => forward(edge, conn, req, &deployment, path, request_id).await,
+        Action::Proxy(path) => {
+            // Every proxied request counts for usage, whatever its outcome.
+            access.usage_target = Some(UsageTarget {
+                sink: Arc::clone(&edge.usage),
+                deployment: Arc::clone(&deployment),
+                key,
+            });
+            forward(edge, conn, req, &deployment, path, request_id, access).await
+        }
     }
 }
 
@@ -167,14 +191,13 @@ fn authenticate(
     registry: &Registry,
     deployment: &Deployment,
     req: &Request<Incoming>,
-) -> Result<(), EdgeError> {
+    access: &mut Access,
+) -> Result<Arc<ApiKey>, EdgeError> {
     let presented = auth::presented_key(req.headers())?;
+    access.key = Some(presented.prefix);
     match registry.key(&presented.hash) {
-        Some(key) if key.enabled && key.deployment_id == deployment.id => Ok(()),
-        _ => {
-            tracing::debug!(key = ?presented, slug = %deployment.slug, "key refused");
-            Err(EdgeError::InvalidApiKey)
-        }
+        Some(key) if key.enabled && *key.deployment_id == *deployment.id => Ok(key),
+        _ => Err(EdgeError::InvalidApiKey),
     }
 }
 
@@ -186,18 +209,25 @@ async fn forward(
     deployment: &Deployment,
     path: &'static str,
     request_id: &HeaderValue,
+    access: &mut Access,
 ) -> Result<Response<EdgeBody>, EdgeError> {
     let upstream = deployment.upstream.as_ref().map_err(|e| *e)?;
     let (parts, body) = req.into_parts();
     let body = read_request_body(body, edge.max_body_bytes, edge.client_body).await?;
     let pinned = proxy::pin::pin(&body, upstream.owned, &upstream.members)
         .map_err(EdgeError::InvalidBody)?;
+    let strip_usage = pinned.strip_usage;
     let headers = proxy::request_headers(parts.headers, request_id, &conn.client_ip);
-    let (response, _endpoint) = edge
+    let sent = tokio::time::Instant::now();
+    let (response, endpoint) = edge
         .upstreams
         .send(&upstream.pool, path, headers, pinned)
         .await?;
-    Ok(edge.upstreams.client_response(response))
+    let ttfb = sent.elapsed();
+    metrics::histogram!(crate::metrics::UPSTREAM_TTFB).record(ttfb.as_secs_f64());
+    access.ttfb = Some(ttfb);
+    access.endpoint = Some(Arc::clone(&endpoint.label));
+    Ok(edge.upstreams.client_response(response, strip_usage))
 }
 
 fn json(body: bytes::Bytes) -> Response<EdgeBody> {

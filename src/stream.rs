@@ -19,8 +19,11 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
+use crate::access::Access;
 use crate::error::EdgeError;
 use crate::proxy::echo::EchoBody;
+use crate::usage::Usage;
+use crate::usage::scan::{Forward, JsonUsageScan, SseUsageScan};
 
 /// Reads a whole request body of at most `max` bytes within `deadline`.
 ///
@@ -150,6 +153,26 @@ enum Phase {
     Done,
 }
 
+/// How a response body is scanned for its `usage`.
+pub enum UsageScan {
+    /// Not a JSON or event-stream body.
+    None,
+    /// A non-streamed JSON body.
+    Json(JsonUsageScan),
+    /// An event stream; may cut the usage-only chunk the client did not ask for.
+    Sse(Box<SseUsageScan>),
+}
+
+impl UsageScan {
+    fn usage(&self) -> Option<Usage> {
+        match self {
+            UsageScan::None => None,
+            UsageScan::Json(s) => s.usage(),
+            UsageScan::Sse(s) => s.usage(),
+        }
+    }
+}
+
 pin_project! {
     /// The backend's body on its way to the client, frame by frame.
     pub struct Passthrough {
@@ -162,13 +185,17 @@ pin_project! {
         last_frame: Instant,
         sse: bool,
         phase: Phase,
+        scan: UsageScan,
+        // Parts of the last frame still to send (only when the event-stream scan cut something).
+        pending: Option<Forward>,
+        failure: Option<EdgeError>,
     }
 }
 
 impl Passthrough {
     /// Wraps a backend body; `sse` says whether it is an event stream (failures then end with an
     /// error event instead of a broken connection).
-    pub fn new(body: UpstreamBody, idle_for: Duration, sse: bool) -> Passthrough {
+    pub fn new(body: UpstreamBody, idle_for: Duration, sse: bool, scan: UsageScan) -> Passthrough {
         Passthrough {
             body,
             idle: tokio::time::sleep(idle_for),
@@ -176,7 +203,20 @@ impl Passthrough {
             last_frame: Instant::now(),
             sse,
             phase: Phase::Streaming,
+            scan,
+            pending: None,
+            failure: None,
         }
+    }
+
+    /// The usage seen so far (the final one once the body ended).
+    pub fn usage(&self) -> Option<Usage> {
+        self.scan.usage()
+    }
+
+    /// Why the body ended early, if it did.
+    pub fn failure(&self) -> Option<EdgeError> {
+        self.failure
     }
 }
 
@@ -189,57 +229,108 @@ impl Body for Passthrough {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, EdgeError>>> {
         let mut this = self.project();
-        let failure = match *this.phase {
-            Phase::Done => return Poll::Ready(None),
-            Phase::Streaming => match this.body.poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    *this.last_frame = Instant::now();
-                    return Poll::Ready(Some(Ok(frame)));
-                }
-                Poll::Ready(None) => {
-                    *this.phase = Phase::Done;
-                    return Poll::Ready(None);
-                }
-                Poll::Ready(Some(Err(()))) => EdgeError::UpstreamFailed,
-                Poll::Pending => loop {
-                    if this.idle.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
+        loop {
+            if let Some(part) = this.pending.as_mut().and_then(Iterator::next) {
+                return Poll::Ready(Some(Ok(Frame::data(part))));
+            }
+            *this.pending = None;
+            let failure = match *this.phase {
+                Phase::Done => return Poll::Ready(None),
+                Phase::Streaming => match this.body.poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        *this.last_frame = Instant::now();
+                        let frame = match frame.into_data() {
+                            Ok(data) => data,
+                            Err(other) => return Poll::Ready(Some(Ok(other))),
+                        };
+                        match this.scan {
+                            UsageScan::None => {}
+                            UsageScan::Json(s) => s.feed(&frame),
+                            UsageScan::Sse(s) => {
+                                *this.pending = Some(s.feed(frame));
+                                continue;
+                            }
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(frame))));
                     }
-                    let deadline = *this.last_frame + *this.idle_for;
-                    if deadline <= Instant::now() {
-                        break EdgeError::UpstreamIdle;
+                    Poll::Ready(None) => {
+                        *this.phase = Phase::Done;
+                        if let UsageScan::Sse(s) = this.scan {
+                            *this.pending = Some(s.finish());
+                            continue;
+                        }
+                        return Poll::Ready(None);
                     }
-                    // Frames came since the timer was armed: wait out the rest from the last one.
-                    this.idle.as_mut().reset(deadline);
+                    Poll::Ready(Some(Err(()))) => EdgeError::UpstreamFailed,
+                    Poll::Pending => loop {
+                        if this.idle.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        let deadline = *this.last_frame + *this.idle_for;
+                        if deadline <= Instant::now() {
+                            break EdgeError::UpstreamIdle;
+                        }
+                        // Frames came since the timer was armed: wait out the rest from the last one.
+                        this.idle.as_mut().reset(deadline);
+                    },
                 },
-            },
-        };
-        tracing::warn!(code = failure.code(), "upstream body ended early");
-        *this.phase = Phase::Done;
-        if *this.sse {
-            Poll::Ready(Some(Ok(Frame::data(failure.sse_event()))))
-        } else {
-            // Not an event stream: the only honest signal left is breaking the connection.
-            Poll::Ready(Some(Err(failure)))
+            };
+            tracing::warn!(code = failure.code(), "upstream body ended early");
+            *this.phase = Phase::Done;
+            *this.failure = Some(failure);
+            return if *this.sse {
+                Poll::Ready(Some(Ok(Frame::data(failure.sse_event()))))
+            } else {
+                // Not an event stream: the only honest signal left is breaking the connection.
+                Poll::Ready(Some(Err(failure)))
+            };
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.phase == Phase::Done || (self.phase == Phase::Streaming && self.body.is_end_stream())
+        self.pending.as_ref().is_none_or(Forward::is_empty)
+            && (self.phase == Phase::Done
+                || (self.phase == Phase::Streaming
+                    && self.body.is_end_stream()
+                    && !matches!(self.scan, UsageScan::Sse(_))))
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.phase {
-            Phase::Streaming => self.body.size_hint(),
-            Phase::Done => SizeHint::with_exact(0),
+        match (self.phase, &self.scan) {
+            // Cutting the usage chunk changes the length.
+            (Phase::Streaming, UsageScan::None | UsageScan::Json(_)) => self.body.size_hint(),
+            (Phase::Streaming, UsageScan::Sse(_)) => SizeHint::default(),
+            (Phase::Done, _) if self.pending.is_some() => SizeHint::default(),
+            (Phase::Done, _) => SizeHint::with_exact(0),
         }
     }
 }
 
 pin_project! {
-    /// Every response body the edge sends.
-    #[project = EdgeBodyProj]
-    pub enum EdgeBody {
+    /// Every response body the edge sends, with the request's [`Access`] record, which is
+    /// finished (logged, counted) when the body is done or dropped.
+    pub struct EdgeBody {
+        #[pin]
+        kind: Kind,
+        access: Option<Access>,
+    }
+
+    impl PinnedDrop for EdgeBody {
+        fn drop(this: Pin<&mut Self>) {
+            // A stream cut short by the client still has the usage seen so far.
+            let this = this.project();
+            if let (Some(access), KindProj::Proxied { inner }) = (this.access.as_mut(), this.kind.project()) {
+                if access.usage.is_none() {
+                    access.usage = inner.usage();
+                }
+            }
+        }
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind {
         /// A fixed answer (errors, `/v1/models`, preflight).
         Full { data: Option<Bytes> },
         /// A backend's body.
@@ -247,10 +338,28 @@ pin_project! {
     }
 }
 
+impl EdgeBody {
+    /// A backend's body on its way through.
+    pub fn proxied(inner: Passthrough) -> EdgeBody {
+        EdgeBody {
+            kind: Kind::Proxied { inner },
+            access: None,
+        }
+    }
+
+    /// Attaches the request's record; it is finished with the body.
+    pub fn attach(&mut self, access: Access) {
+        self.access = Some(access);
+    }
+}
+
 impl From<Bytes> for EdgeBody {
     fn from(data: Bytes) -> EdgeBody {
-        EdgeBody::Full {
-            data: (!data.is_empty()).then_some(data),
+        EdgeBody {
+            kind: Kind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
+            access: None,
         }
     }
 }
@@ -263,25 +372,43 @@ impl Body for EdgeBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, EdgeError>>> {
-        match self.project() {
-            EdgeBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            EdgeBodyProj::Proxied { inner } => inner.poll_frame(cx),
+        let this = self.project();
+        let polled = match this.kind.project() {
+            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Proxied { mut inner } => {
+                let polled = inner.as_mut().poll_frame(cx);
+                if let (Some(access), Poll::Ready(None | Some(Err(_)))) =
+                    (this.access.as_mut(), &polled)
+                {
+                    access.usage = inner.usage();
+                    if let Some(f) = inner.failure() {
+                        access.code = f.code();
+                    }
+                }
+                polled
+            }
+        };
+        if let (Some(access), Poll::Ready(Some(Ok(frame)))) = (this.access.as_mut(), &polled) {
+            if let Some(data) = frame.data_ref() {
+                access.bytes += data.len() as u64;
+            }
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            EdgeBody::Full { data } => data.is_none(),
-            EdgeBody::Proxied { inner } => inner.is_end_stream(),
+        match &self.kind {
+            Kind::Full { data } => data.is_none(),
+            Kind::Proxied { inner } => inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            EdgeBody::Full { data } => {
+        match &self.kind {
+            Kind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            EdgeBody::Proxied { inner } => inner.size_hint(),
+            Kind::Proxied { inner } => inner.size_hint(),
         }
     }
 }
@@ -311,9 +438,12 @@ mod tests {
     async fn a_silent_stream_ends_with_an_error_event() {
         let body = br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"a b"}]}"#;
         let echo = echo::respond(body, Some(Duration::from_secs(3600))).into_body();
-        let mut pass = std::pin::pin!(EdgeBody::Proxied {
-            inner: Passthrough::new(UpstreamBody::Echo(echo), Duration::from_secs(5), true),
-        });
+        let mut pass = std::pin::pin!(EdgeBody::proxied(Passthrough::new(
+            UpstreamBody::Echo(echo),
+            Duration::from_secs(5),
+            true,
+            UsageScan::None,
+        )));
         let mut frames = Vec::new();
         while let Some(f) = pass.frame().await {
             frames.push(f.unwrap().into_data().unwrap());
@@ -333,7 +463,8 @@ mod tests {
         let mut pinned = std::pin::pin!(Passthrough::new(
             UpstreamBody::Echo(echo),
             Duration::from_secs(5),
-            false
+            false,
+            UsageScan::None,
         ));
         assert!(pinned.frame().await.unwrap().is_ok());
         assert!(pinned.frame().await.unwrap().is_ok());

@@ -22,7 +22,8 @@ use tokio::time::Instant;
 
 use crate::error::EdgeError;
 use crate::headers::{self as h, strip_hop_by_hop};
-use crate::stream::{ChunksBody, EdgeBody, Passthrough, UpstreamBody};
+use crate::stream::{ChunksBody, EdgeBody, Passthrough, UpstreamBody, UsageScan};
+use crate::usage::scan::{JsonUsageScan, SseUsageScan};
 use pin::Pinned;
 use pool::{Endpoint, EndpointSpec, Pool};
 
@@ -121,14 +122,27 @@ impl Upstreams {
     }
 
     /// The response the client gets from a backend response: hop-by-hop headers dropped, the
-    /// body passed through frame by frame, streams marked uncacheable and unbuffered.
-    pub fn client_response(&self, upstream: Response<UpstreamBody>) -> Response<EdgeBody> {
+    /// body passed through frame by frame (scanned for its usage), streams marked uncacheable
+    /// and unbuffered. `strip_usage`: the edge asked for the usage chunk, the client did not.
+    pub fn client_response(
+        &self,
+        upstream: Response<UpstreamBody>,
+        strip_usage: bool,
+    ) -> Response<EdgeBody> {
         let (mut parts, body) = upstream.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let sse = parts
+        let content_type = parts
             .headers
             .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+            .map_or(&b""[..], |v| v.as_bytes());
+        let sse = content_type.starts_with(b"text/event-stream");
+        let scan = if sse {
+            UsageScan::Sse(Box::new(SseUsageScan::new(strip_usage)))
+        } else if content_type.starts_with(b"application/json") {
+            UsageScan::Json(JsonUsageScan::new())
+        } else {
+            UsageScan::None
+        };
         if sse {
             parts
                 .headers
@@ -139,8 +153,8 @@ impl Upstreams {
             parts.headers.remove(header::CONTENT_LENGTH);
             parts.headers.remove(header::CONTENT_ENCODING);
         }
-        let inner = Passthrough::new(body, self.idle, sse);
-        Response::from_parts(parts, EdgeBody::Proxied { inner })
+        let inner = Passthrough::new(body, self.idle, sse, scan);
+        Response::from_parts(parts, EdgeBody::proxied(inner))
     }
 }
 

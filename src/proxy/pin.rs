@@ -34,6 +34,9 @@ pub struct Pinned {
     pub len: usize,
     /// Whether the (last) top-level `stream` member is `true`.
     pub stream: bool,
+    /// The edge asked the backend for `stream_options.include_usage` and the client did not:
+    /// the usage-only final chunk must not reach the client.
+    pub strip_usage: bool,
 }
 
 impl Pinned {
@@ -49,58 +52,144 @@ impl Pinned {
 
 /// Pins `body`: removes every top-level member named in `owned` and inserts `members` (the
 /// edge's rendered members, e.g. `"model":"acme"`, never empty) right after the opening brace.
+///
+/// When the body asks for a stream (`"stream": true`), the edge also makes sure the backend
+/// reports usage: `stream_options.include_usage` is set to `true` (inside the client's last
+/// `stream_options` object, whose other members are kept; earlier duplicates are cut), and
+/// [`Pinned::strip_usage`] says whether the client did not ask for it itself.
 pub fn pin(body: &Bytes, owned: &[&str], members: &Bytes) -> Result<Pinned, BodyProblem> {
-    let scan = scan(body, owned)?;
-    let mut chunks = Vec::with_capacity(4 + scan.cuts.len());
-    chunks.push(body.slice(..scan.open + 1));
-    chunks.push(members.clone());
-    // The first original member keeps no comma of its own in front; give it one.
-    if scan.members > 0 && !scan.first_cut {
-        chunks.push(Bytes::from_static(b","));
-    }
-    let mut at = scan.open + 1;
-    for (start, end) in scan.cuts {
-        if start > at {
-            chunks.push(body.slice(at..start));
+    let top = scan(body, 0, owned)?;
+    let mut edits: Vec<Edit> = Vec::with_capacity(4 + top.cuts.len());
+    let mut head: [Option<Bytes>; 3] = [Some(members.clone()), None, None];
+    let mut cut_first = top.first_cut;
+    let mut strip_usage = false;
+    if top.stream {
+        let (last, earlier) = match top.options.split_last() {
+            Some((last, earlier)) => (Some(*last), earlier),
+            None => (None, &[][..]),
+        };
+        for m in earlier {
+            edits.push(Edit::cut(m.cut_start, m.value.1));
+            cut_first |= m.index == 0;
         }
-        at = end;
+        match last.filter(|m| body.get(m.value.0) == Some(&b'{')) {
+            Some(m) => {
+                // Rewrite inside the client's object: its include_usage members go, ours comes first.
+                let inner = scan(&body[..m.value.1], m.value.0, &["include_usage"])?;
+                strip_usage = inner.last_owned_value.map(|(a, b)| &body[a..b]) != Some(b"true");
+                edits.push(Edit::insert(
+                    inner.open + 1,
+                    Bytes::from_static(br#""include_usage":true"#),
+                ));
+                if inner.members > 0 && !inner.first_cut {
+                    edits.push(Edit::insert(inner.open + 1, Bytes::from_static(b",")));
+                }
+                edits.extend(inner.cuts.iter().map(|&(a, b)| Edit::cut(a, b)));
+            }
+            None => {
+                if let Some(m) = last {
+                    edits.push(Edit::cut(m.cut_start, m.value.1));
+                    cut_first |= m.index == 0;
+                }
+                head[1] = Some(Bytes::from_static(
+                    br#","stream_options":{"include_usage":true}"#,
+                ));
+                strip_usage = true;
+            }
+        }
+    }
+    // The first original member has no comma of its own in front; give it one unless it is cut.
+    if top.members > 0 && !cut_first {
+        head[2] = Some(Bytes::from_static(b","));
+    }
+    edits.extend(top.cuts.iter().map(|&(a, b)| Edit::cut(a, b)));
+    // Stable: two inserts at one place keep their order.
+    edits.sort_by_key(|e| e.start);
+
+    let mut chunks = Vec::with_capacity(2 * edits.len() + 5);
+    chunks.push(body.slice(..top.open + 1));
+    chunks.extend(head.into_iter().flatten());
+    let mut at = top.open + 1;
+    for e in edits {
+        if e.start > at {
+            chunks.push(body.slice(at..e.start));
+        }
+        at = at.max(e.end);
+        chunks.extend(e.insert);
     }
     chunks.push(body.slice(at..));
     let len = chunks.iter().map(Bytes::len).sum();
     Ok(Pinned {
         chunks,
         len,
-        stream: scan.stream,
+        stream: top.stream,
+        strip_usage,
     })
 }
 
-/// What one pass over the body found.
+/// One change to the client's bytes: `start..end` is dropped and `insert` put in its place.
+struct Edit {
+    start: usize,
+    end: usize,
+    insert: Option<Bytes>,
+}
+
+impl Edit {
+    fn cut(start: usize, end: usize) -> Edit {
+        Edit {
+            start,
+            end,
+            insert: None,
+        }
+    }
+
+    fn insert(at: usize, bytes: Bytes) -> Edit {
+        Edit {
+            start: at,
+            end: at,
+            insert: Some(bytes),
+        }
+    }
+}
+
+/// A top-level `stream_options` member.
+#[derive(Debug, Clone, Copy)]
+struct Options {
+    /// Member index in the object.
+    index: usize,
+    /// Where a cut of this member starts (the end of the previous member).
+    cut_start: usize,
+    /// The value's range.
+    value: (usize, usize),
+}
+
+/// What one pass over an object found.
 struct Scan {
-    /// Offset of the top-level `{`.
+    /// Offset of the object's `{`.
     open: usize,
-    /// Number of top-level members.
+    /// Number of members.
     members: usize,
     /// Byte ranges to cut: each owned member with the separator before it.
     cuts: Vec<(usize, usize)>,
     /// Whether the first member is cut (then the next member brings its own comma).
     first_cut: bool,
+    /// The value range of the last owned member.
+    last_owned_value: Option<(usize, usize)>,
+    /// Whether the (last) `stream` member is `true`.
     stream: bool,
+    /// Every `stream_options` member, in order.
+    options: Vec<Options>,
 }
 
-/// How a decoded key relates to an owned name.
-#[derive(Debug, PartialEq, Eq)]
-enum KeyMatch {
-    No,
-    Exact,
-    Ambiguous,
-}
-
-fn scan(b: &[u8], owned: &[&str]) -> Result<Scan, BodyProblem> {
+/// Scans the object at `b[start..]`, which must be the whole rest of `b` (with optional white
+/// space around it). For the top level `start` is 0; for a nested object `b` ends where the
+/// object does.
+fn scan(b: &[u8], start: usize, owned: &[&str]) -> Result<Scan, BodyProblem> {
     // One UTF-8 check up front; afterwards any byte >= 0x80 inside a string is known valid.
-    if std::str::from_utf8(b).is_err() {
+    if start == 0 && std::str::from_utf8(b).is_err() {
         return Err(BodyProblem::NotJson);
     }
-    let mut s = Scanner { b, i: 0 };
+    let mut s = Scanner { b, i: start };
     s.ws();
     if s.peek() != Some(b'{') {
         // Tell "valid JSON, wrong type" from "not JSON" for a better message.
@@ -119,7 +208,9 @@ fn scan(b: &[u8], owned: &[&str]) -> Result<Scan, BodyProblem> {
         members: 0,
         cuts: Vec::new(),
         first_cut: false,
+        last_owned_value: None,
         stream: false,
+        options: Vec::new(),
     };
     let mut prev_end = open + 1;
     s.ws();
@@ -145,14 +236,25 @@ fn scan(b: &[u8], owned: &[&str]) -> Result<Scan, BodyProblem> {
                     KeyMatch::No => {}
                 }
             }
+            let tracked = out.cuts.len() + out.options.len();
             if is_owned {
-                if out.cuts.len() == MAX_OWNED_OCCURRENCES {
+                if tracked == MAX_OWNED_OCCURRENCES {
                     return Err(BodyProblem::AmbiguousMember);
                 }
                 out.cuts.push((prev_end, value_end));
                 out.first_cut |= out.members == 0;
-            } else if key == b"stream" {
+                out.last_owned_value = Some((value_start, value_end));
+            } else if key_match(key, "stream") == KeyMatch::Exact {
                 out.stream = &b[value_start..value_end] == b"true";
+            } else if key_match(key, "stream_options") == KeyMatch::Exact {
+                if tracked == MAX_OWNED_OCCURRENCES {
+                    return Err(BodyProblem::AmbiguousMember);
+                }
+                out.options.push(Options {
+                    index: out.members,
+                    cut_start: prev_end,
+                    value: (value_start, value_end),
+                });
             }
             out.members += 1;
             prev_end = value_end;
@@ -170,6 +272,14 @@ fn scan(b: &[u8], owned: &[&str]) -> Result<Scan, BodyProblem> {
         return Err(BodyProblem::NotJson);
     }
     Ok(out)
+}
+
+/// How a decoded key relates to an owned name.
+#[derive(Debug, PartialEq, Eq)]
+enum KeyMatch {
+    No,
+    Exact,
+    Ambiguous,
 }
 
 /// Compares a raw (still escaped) key with an ASCII name, decoding as it goes.

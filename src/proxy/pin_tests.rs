@@ -46,18 +46,65 @@ fn members(text: &str) -> Vec<(String, String)> {
 }
 
 /// The property every accepted body must have: the output parses, has exactly one top-level
-/// `model` with the pinned value, and its other members are the input's, in order, unchanged.
-fn assert_pinned(input: &str, output: &str) {
+/// `model` with the pinned value, and its other members are the input's, in order, unchanged —
+/// except that a streamed request gets exactly one `stream_options` whose `include_usage` is
+/// `true` and whose other members are those of the client's last `stream_options` object.
+/// Returns whether the client itself asked for usage.
+fn assert_pinned(input: &str, output: &str) -> Option<bool> {
     serde_json::from_str::<serde_json::Value>(output)
         .unwrap_or_else(|e| panic!("output does not parse ({e}): {output:?} from {input:?}"));
     let out = members(output);
     let models: Vec<_> = out.iter().filter(|(k, _)| k == "model").collect();
     assert_eq!(models.len(), 1, "{input:?} -> {output:?}");
     assert_eq!(models[0].1, r#""tenant-a""#);
-    let rest_out: Vec<_> = out.iter().filter(|(k, _)| k != "model").collect();
-    let rest_in_all = members(input);
-    let rest_in: Vec<_> = rest_in_all.iter().filter(|(k, _)| k != "model").collect();
+    let input_members = members(input);
+    let stream = input_members
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "stream")
+        .is_some_and(|(_, v)| v == "true");
+    let kept = |k: &str| k != "model" && !(stream && k == "stream_options");
+    let rest_out: Vec<_> = out.iter().filter(|(k, _)| kept(k)).collect();
+    let rest_in: Vec<_> = input_members.iter().filter(|(k, _)| kept(k)).collect();
     assert_eq!(rest_out, rest_in, "{input:?} -> {output:?}");
+    if !stream {
+        return None;
+    }
+    let options: Vec<_> = out.iter().filter(|(k, _)| k == "stream_options").collect();
+    assert_eq!(options.len(), 1, "{input:?} -> {output:?}");
+    let inner = members(&options[0].1);
+    assert_eq!(
+        inner[0],
+        ("include_usage".to_owned(), "true".to_owned()),
+        "{output:?}"
+    );
+    assert_eq!(
+        inner.iter().filter(|(k, _)| k == "include_usage").count(),
+        1
+    );
+    let client = input_members
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "stream_options");
+    let (client_rest, asked) = match client {
+        Some((_, v)) if v.starts_with('{') => {
+            let m = members(v);
+            let asked = m
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "include_usage")
+                .is_some_and(|(_, v)| v == "true");
+            (
+                m.into_iter()
+                    .filter(|(k, _)| k != "include_usage")
+                    .collect(),
+                asked,
+            )
+        }
+        _ => (Vec::new(), false),
+    };
+    assert_eq!(inner[1..].to_vec(), client_rest, "{input:?} -> {output:?}");
+    Some(asked)
 }
 
 #[test]
@@ -208,6 +255,48 @@ fn stream_flag_follows_the_last_member() {
 }
 
 #[test]
+fn streamed_requests_ask_the_backend_for_usage() {
+    let cases = [
+        (
+            r#"{"stream":true,"messages":[]}"#,
+            r#"{"model":"tenant-a","stream_options":{"include_usage":true},"stream":true,"messages":[]}"#,
+            true,
+        ),
+        (
+            r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+            r#"{"model":"tenant-a","stream":true,"stream_options":{"include_usage":true}}"#,
+            false,
+        ),
+        (
+            r#"{"stream_options":{"include_usage":false,"x":1},"stream":true}"#,
+            r#"{"model":"tenant-a","stream_options":{"include_usage":true,"x":1},"stream":true}"#,
+            true,
+        ),
+        (
+            r#"{"stream_options":null,"stream":true,"stream_options":{}}"#,
+            r#"{"model":"tenant-a","stream":true,"stream_options":{"include_usage":true}}"#,
+            true,
+        ),
+        (
+            r#"{"stream":true,"stream_options":null}"#,
+            r#"{"model":"tenant-a","stream_options":{"include_usage":true},"stream":true}"#,
+            true,
+        ),
+        (
+            r#"{"stream":false,"stream_options":{"include_usage":false}}"#,
+            r#"{"model":"tenant-a","stream":false,"stream_options":{"include_usage":false}}"#,
+            false,
+        ),
+    ];
+    let members = Bytes::from_static(PINNED.as_bytes());
+    for (input, expected, strip) in cases {
+        let p = pin(&Bytes::from_static(input.as_bytes()), &["model"], &members).unwrap();
+        assert_eq!(String::from_utf8(p.to_vec()).unwrap(), expected, "{input}");
+        assert_eq!(p.strip_usage, strip, "{input}");
+    }
+}
+
+#[test]
 fn output_shares_the_client_buffer() {
     let body = Bytes::from(format!(
         r#"{{"messages":"{}","model":"x"}}"#,
@@ -260,6 +349,10 @@ impl Gen {
             r#""a\"b""#,
             r#""mo\\del""#,
             r#""Model""#,
+            r#""stream_options""#,
+            r#""stream_options""#,
+            r#""include_usage""#,
+            r#""include_\u0075sage""#,
         ])
         .to_owned()
     }
@@ -288,7 +381,7 @@ impl Gen {
                     "123456789012345678901234567890",
                 ])
                 .to_owned(),
-            2 => self.pick(&["true", "false", "null"]).to_owned(),
+            2 => self.pick(&["true", "true", "false", "null"]).to_owned(),
             3 => r#""line\nbreak\ttab\\slash\/""#.to_owned(),
             4 => self.pick(&[r#""model""#, r#""}""#, r#""{""#]).to_owned(),
             5 => "[]".to_owned(),
@@ -356,8 +449,24 @@ fn differential_against_serde_json() {
     let members_bytes = Bytes::from_static(PINNED.as_bytes());
     let mut g = Gen(0x9E37_79B9_7F4A_7C15);
     let (mut accepted, mut refused, mut mutated) = (0, 0, 0);
+    let (mut streamed, mut asked_usage) = (0, 0);
     for round in 0..20_000 {
-        let doc = g.object(0);
+        let mut doc = g.object(0);
+        if round % 4 == 1 {
+            // A streamed request, so the usage rewrite is exercised as often as pinning.
+            let rest = &doc[1..];
+            let sep = if rest.trim_start().starts_with('}') {
+                ""
+            } else {
+                ","
+            };
+            let asks = if round % 8 == 1 {
+                r#","stream_options":{"x":[1],"include_usage":true}"#
+            } else {
+                ""
+            };
+            doc = format!("{{\"stream\":true{asks}{sep}{rest}");
+        }
         let input: Vec<u8> = if round % 3 == 0 {
             mutated += 1;
             g.mutate(&doc)
@@ -372,7 +481,14 @@ fn differential_against_serde_json() {
                 accepted += 1;
                 assert!(serde_ok, "accepted what serde_json refuses: {input:?}");
                 let text = String::from_utf8(p.to_vec()).unwrap();
-                assert_pinned(std::str::from_utf8(&input).unwrap(), &text);
+                match assert_pinned(std::str::from_utf8(&input).unwrap(), &text) {
+                    Some(asked) => {
+                        streamed += 1;
+                        asked_usage += usize::from(asked);
+                        assert_eq!(p.strip_usage, !asked, "{text}");
+                    }
+                    None => assert!(!p.strip_usage),
+                }
             }
             Err(problem) => {
                 refused += 1;
@@ -394,4 +510,6 @@ fn differential_against_serde_json() {
     assert!(accepted > 5_000, "accepted {accepted}");
     assert!(refused > 1_000, "refused {refused}");
     assert!(mutated > 5_000);
+    assert!(streamed > 1_000, "streamed {streamed}");
+    assert!(asked_usage > 20, "asked {asked_usage}");
 }

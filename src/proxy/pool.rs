@@ -100,7 +100,7 @@ impl EndpointSpec {
 #[derive(Debug)]
 pub struct Endpoint {
     /// The endpoint as configured, for logs.
-    pub label: Box<str>,
+    pub label: Arc<str>,
     /// What it is.
     pub spec: EndpointSpec,
 }

@@ -13,6 +13,7 @@
 //! A fleet's millions of entries are updated one event at a time, never rebuilt whole.
 
 pub mod model;
+pub mod persist;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -86,6 +87,13 @@ struct SnapshotDoc<'a> {
     keys: Vec<&'a RawValue>,
 }
 
+#[derive(serde::Serialize)]
+struct ExportDoc {
+    revision: u64,
+    deployments: Vec<DeploymentDoc>,
+    keys: Vec<KeyDoc>,
+}
+
 #[derive(Deserialize)]
 struct IdOnly {
     id: String,
@@ -99,8 +107,8 @@ enum Kind {
 
 /// The writer's own indexes, only touched under the writer mutex.
 struct Writer {
-    deployments: HashMap<Box<str>, Arc<Deployment>>,
-    keys: HashMap<Box<str>, Arc<ApiKey>>,
+    deployments: HashMap<Arc<str>, Arc<Deployment>>,
+    keys: HashMap<Arc<str>, Arc<ApiKey>>,
     tombstones: Cache<(Kind, Box<str>), u64>,
 }
 
@@ -112,6 +120,16 @@ pub struct Registry {
     revision: AtomicU64,
     loaded: AtomicBool,
     pools: Arc<Pools>,
+    /// Signalled after every change, for the persister (a stored permit coalesces bursts).
+    changed: tokio::sync::Notify,
+}
+
+/// An event validated against the pools, ready to apply.
+enum Resolved {
+    UpsertDeployment(Deployment),
+    DeleteDeployment(String),
+    UpsertKey(ApiKey),
+    DeleteKey(String),
 }
 
 impl Registry {
@@ -131,7 +149,13 @@ impl Registry {
             revision: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
             pools,
+            changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Waits until the state changes after the last wait (changes in between coalesce).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     /// The deployment served at `slug`, enabled or not. Lock-free.
@@ -181,25 +205,96 @@ impl Registry {
     /// Applies one event under the revision rules. Returns once the change is visible to every
     /// request that starts afterwards.
     pub fn apply_event(&self, event: Event) -> Applied {
-        let mut w = self.lock();
-        let outcome = match event.op {
-            Op::UpsertDeployment { deployment } => {
-                match Deployment::resolve(deployment, &self.pools) {
-                    Ok(d) => self.upsert_deployment(&mut w, d),
-                    Err(why) => Applied::Rejected(why),
-                }
+        let revision = event.revision;
+        match self.resolve(event) {
+            Ok(resolved) => {
+                let mut w = self.lock();
+                let outcome = self.apply_resolved(&mut w, revision, resolved);
+                drop(w);
+                self.after_change(revision, &outcome);
+                outcome
             }
-            Op::DeleteDeployment { id } => self.delete_deployment(&mut w, &id, event.revision),
-            Op::UpsertKey { key } => match ApiKey::resolve(key) {
-                Ok(k) => self.upsert_key(&mut w, k),
-                Err(why) => Applied::Rejected(why),
-            },
-            Op::DeleteKey { id } => self.delete_key(&mut w, &id, event.revision),
-        };
-        if !matches!(outcome, Applied::Rejected(_)) {
-            self.bump_revision(event.revision);
+            Err(why) => Applied::Rejected(why),
         }
-        outcome
+    }
+
+    /// Applies a batch all or nothing as far as validation goes: when any event does not
+    /// validate, nothing is applied and its index and reason are returned. Otherwise every
+    /// event is applied in order under one lock (each may still be stale, or refused for a
+    /// revision conflict, which its outcome says).
+    pub fn apply_batch(&self, events: Vec<Event>) -> Result<Vec<Applied>, (usize, String)> {
+        let resolved = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let revision = e.revision;
+                self.resolve(e)
+                    .map(|r| (revision, r))
+                    .map_err(|why| (i, why))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut w = self.lock();
+        let outcomes: Vec<(u64, Applied)> = resolved
+            .into_iter()
+            .map(|(revision, r)| (revision, self.apply_resolved(&mut w, revision, r)))
+            .collect();
+        drop(w);
+        Ok(outcomes
+            .into_iter()
+            .map(|(revision, outcome)| {
+                self.after_change(revision, &outcome);
+                outcome
+            })
+            .collect())
+    }
+
+    fn resolve(&self, event: Event) -> Result<Resolved, String> {
+        Ok(match event.op {
+            Op::UpsertDeployment { deployment } => {
+                Resolved::UpsertDeployment(Deployment::resolve(deployment, &self.pools)?)
+            }
+            Op::DeleteDeployment { id } => Resolved::DeleteDeployment(id),
+            Op::UpsertKey { key } => Resolved::UpsertKey(ApiKey::resolve(key)?),
+            Op::DeleteKey { id } => Resolved::DeleteKey(id),
+        })
+    }
+
+    fn apply_resolved(&self, w: &mut Writer, revision: u64, event: Resolved) -> Applied {
+        match event {
+            Resolved::UpsertDeployment(d) => self.upsert_deployment(w, d),
+            Resolved::DeleteDeployment(id) => self.delete_deployment(w, &id, revision),
+            Resolved::UpsertKey(k) => self.upsert_key(w, k),
+            Resolved::DeleteKey(id) => self.delete_key(w, &id, revision),
+        }
+    }
+
+    fn after_change(&self, revision: u64, outcome: &Applied) {
+        if !matches!(outcome, Applied::Rejected(_)) {
+            self.bump_revision(revision);
+        }
+        if *outcome == Applied::Changed {
+            self.changed.notify_one();
+        }
+    }
+
+    /// The whole state as a snapshot document (`{"revision","deployments","keys"}`), the form
+    /// [`Registry::apply_snapshot`] reads back. The writer lock is held only to collect
+    /// references, not while serialising.
+    pub fn export(&self) -> Vec<u8> {
+        // Read before locking: every change at or below this revision finished under the lock
+        // before its revision was published, so the content is at least this new (replaying a
+        // newer event on top is harmless; skipping one would not be).
+        let revision = self.revision();
+        let w = self.lock();
+        let deployments: Vec<Arc<Deployment>> = w.deployments.values().cloned().collect();
+        let keys: Vec<Arc<ApiKey>> = w.keys.values().cloned().collect();
+        drop(w);
+        let doc = ExportDoc {
+            revision,
+            deployments: deployments.iter().map(|d| d.to_doc()).collect(),
+            keys: keys.iter().map(|k| k.to_doc()).collect(),
+        };
+        serde_json::to_vec(&doc).unwrap_or_default()
     }
 
     /// Applies a whole snapshot (`{"revision":N,"deployments":[…],"keys":[…]}`): every object
@@ -250,7 +345,7 @@ impl Registry {
                 }
             }
         }
-        let gone: Vec<Box<str>> = w
+        let gone: Vec<Arc<str>> = w
             .deployments
             .values()
             .filter(|d| d.revision <= doc.revision && !seen_deployments.contains(&*d.id))
@@ -261,7 +356,7 @@ impl Registry {
                 report.removed += 1;
             }
         }
-        let gone: Vec<Box<str>> = w
+        let gone: Vec<Arc<str>> = w
             .keys
             .values()
             .filter(|k| k.revision <= doc.revision && !seen_keys.contains(&*k.id))
@@ -275,6 +370,9 @@ impl Registry {
         drop(w);
         self.bump_revision(doc.revision);
         self.loaded.store(true, Ordering::Release);
+        if report.changed + report.removed > 0 {
+            self.changed.notify_one();
+        }
         Ok(report)
     }
 
@@ -312,7 +410,8 @@ impl Registry {
         if let Some(c) = current.filter(|c| c.slug != d.slug) {
             self.by_slug.invalidate(&c.slug);
         }
-        w.tombstones.invalidate(&(Kind::Deployment, d.id.clone()));
+        w.tombstones
+            .invalidate(&(Kind::Deployment, d.id.as_ref().into()));
         let d = Arc::new(d);
         self.by_slug.insert(d.slug, Arc::clone(&d));
         w.deployments.insert(d.id.clone(), d);
@@ -353,7 +452,7 @@ impl Registry {
         if let Some(c) = current.filter(|c| c.hash != k.hash) {
             self.by_hash.invalidate(&c.hash);
         }
-        w.tombstones.invalidate(&(Kind::Key, k.id.clone()));
+        w.tombstones.invalidate(&(Kind::Key, k.id.as_ref().into()));
         let k = Arc::new(k);
         self.by_hash.insert(k.hash, Arc::clone(&k));
         w.keys.insert(k.id.clone(), k);

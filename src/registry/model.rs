@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::auth::KeyHash;
 use crate::error::EdgeError;
@@ -15,7 +15,7 @@ use crate::host::Slug;
 use crate::proxy::pool::{Pool, Pools};
 
 /// How a deployment authenticates requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthMode {
     /// A live key of this deployment is required.
@@ -25,14 +25,14 @@ pub enum AuthMode {
 }
 
 /// What a deployment serves, as the control plane sends it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum TargetDoc {
     /// A fine-tuned adapter: the job's final adapter, or one checkpoint.
     #[serde(rename_all = "camelCase")]
     Adapter {
         job_id: String,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         checkpoint_step: Option<u64>,
         base_model: String,
     },
@@ -67,7 +67,7 @@ impl TargetDoc {
 }
 
 /// A deployment as the control plane sends it. Unknown fields are ignored.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeploymentDoc {
     pub id: String,
@@ -79,12 +79,12 @@ pub struct DeploymentDoc {
 }
 
 /// An API key as the control plane sends it (hash only). Unknown fields are ignored.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct KeyDoc {
     pub id: String,
     pub deployment_id: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
     pub sha256: String,
     pub enabled: bool,
@@ -105,7 +105,7 @@ pub struct Upstream {
 /// A deployment, resolved for the request path.
 #[derive(Debug)]
 pub struct Deployment {
-    pub id: Box<str>,
+    pub id: Arc<str>,
     pub slug: Slug,
     pub enabled: bool,
     pub auth_mode: AuthMode,
@@ -120,6 +120,18 @@ pub struct Deployment {
 }
 
 impl Deployment {
+    /// The control-plane document this deployment was made from (for persistence).
+    pub fn to_doc(&self) -> DeploymentDoc {
+        DeploymentDoc {
+            id: self.id.to_string(),
+            slug: self.slug.as_str().to_owned(),
+            enabled: self.enabled,
+            auth_mode: self.auth_mode,
+            target: self.target.clone(),
+            revision: self.revision,
+        }
+    }
+
     /// Validates and resolves a control-plane document.
     pub fn resolve(doc: DeploymentDoc, pools: &Pools) -> Result<Deployment, String> {
         let slug = Slug::parse(doc.slug.as_bytes())
@@ -167,14 +179,28 @@ impl Deployment {
 /// An API key, resolved for the request path: never the plaintext.
 #[derive(Debug)]
 pub struct ApiKey {
-    pub id: Box<str>,
+    pub id: Arc<str>,
     pub deployment_id: Box<str>,
+    /// The displayable prefix the control plane sent (at most 12 characters are kept).
+    pub prefix: Option<Box<str>>,
     pub hash: KeyHash,
     pub enabled: bool,
     pub revision: u64,
 }
 
 impl ApiKey {
+    /// The control-plane document of this key (hash only; for persistence).
+    pub fn to_doc(&self) -> KeyDoc {
+        KeyDoc {
+            id: self.id.to_string(),
+            deployment_id: self.deployment_id.to_string(),
+            prefix: self.prefix.as_ref().map(|p| p.to_string()),
+            sha256: self.hash.to_hex(),
+            enabled: self.enabled,
+            revision: self.revision,
+        }
+    }
+
     /// Validates a control-plane key document.
     pub fn resolve(doc: KeyDoc) -> Result<ApiKey, String> {
         let hash = KeyHash::from_hex(&doc.sha256)
@@ -185,6 +211,12 @@ impl ApiKey {
         Ok(ApiKey {
             id: doc.id.into(),
             deployment_id: doc.deployment_id.into(),
+            prefix: doc.prefix.map(|p| {
+                p.chars()
+                    .take(crate::auth::LOG_PREFIX_LEN)
+                    .collect::<String>()
+                    .into()
+            }),
             hash,
             enabled: doc.enabled,
             revision: doc.revision,

@@ -255,3 +255,56 @@ fn a_bad_object_in_a_snapshot_is_rejected_alone_and_not_dropped() {
     );
     assert!(r.deployment(&slug("two")).is_some());
 }
+
+#[test]
+fn export_round_trips_through_a_snapshot() {
+    let r = registry();
+    r.apply_json_event(&upsert_dep(1, "d1", "acme", true));
+    r.apply_json_event(&upsert_key(2, "k1", "d1", KEY, true));
+    r.apply_json_event(&upsert_dep(3, "d2", "beta", false));
+    let doc = r.export();
+    let text = String::from_utf8(doc.clone()).unwrap();
+    assert!(!text.contains(KEY), "plaintext key persisted");
+    let copy = registry();
+    let rep = copy.apply_snapshot(&doc).unwrap();
+    assert_eq!((rep.changed, rep.removed, rep.revision), (3, 0, 3));
+    assert_eq!(copy.counts(), (2, 1));
+    let k = copy.key(&KeyHash::of(KEY.as_bytes())).unwrap();
+    assert_eq!(&*k.deployment_id, "d1");
+    assert_eq!(k.prefix.as_deref(), Some("ark_live_aaa"));
+    assert!(!copy.deployment(&slug("beta")).unwrap().enabled);
+    let sorted = |doc: &[u8]| {
+        let mut v: serde_json::Value = serde_json::from_slice(doc).unwrap();
+        for list in ["deployments", "keys"] {
+            v[list]
+                .as_array_mut()
+                .unwrap()
+                .sort_by_key(|o| o["id"].as_str().unwrap().to_owned());
+        }
+        v
+    };
+    assert_eq!(sorted(&copy.export()), sorted(&doc));
+}
+
+fn event(v: serde_json::Value) -> Event {
+    serde_json::from_value(v).unwrap()
+}
+
+#[test]
+fn a_batch_with_an_invalid_event_applies_nothing() {
+    let r = registry();
+    let good = event(serde_json::from_slice(&upsert_dep(1, "d1", "acme", true)).unwrap());
+    let bad = event(
+        json!({"revision": 2, "op": "upsert_deployment", "deployment": {
+        "id": "d2", "slug": "www", "enabled": true, "authMode": "none",
+        "target": {"type": "base_model", "baseModel": "m"}, "revision": 2}}),
+    );
+    let err = r.apply_batch(vec![good.clone(), bad]).unwrap_err();
+    assert_eq!(err.0, 1);
+    assert!(r.deployment(&slug("acme")).is_none());
+    assert_eq!(r.revision(), 0);
+    let stale = event(serde_json::from_slice(&upsert_dep(1, "d1", "acme", true)).unwrap());
+    let out = r.apply_batch(vec![good, stale]).unwrap();
+    assert_eq!(out, [Applied::Changed, Applied::Stale]);
+    assert!(r.deployment(&slug("acme")).is_some());
+}

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use crate::registry::{Registry, SnapshotReport};
+use crate::sync::SyncStatus;
 
 /// What identifies one version of the file on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,17 +54,24 @@ pub struct FileSource {
     path: PathBuf,
     interval: Duration,
     registry: Arc<Registry>,
+    status: Arc<SyncStatus>,
     /// The version last applied; taken before reading, so a change made while reading is seen.
     last: Option<Fingerprint>,
 }
 
 impl FileSource {
     /// A source for `path`, checked every `interval`.
-    pub fn new(path: PathBuf, interval: Duration, registry: Arc<Registry>) -> FileSource {
+    pub fn new(
+        path: PathBuf,
+        interval: Duration,
+        registry: Arc<Registry>,
+        status: Arc<SyncStatus>,
+    ) -> FileSource {
         FileSource {
             path,
             interval,
             registry,
+            status,
             last: None,
         }
     }
@@ -71,7 +79,9 @@ impl FileSource {
     /// Loads the file once; the edge refuses to start without a first state.
     pub async fn load_initial(&mut self) -> Result<SnapshotReport, String> {
         self.last = fingerprint(&self.path).await.ok();
-        load(&self.path, &self.registry).await
+        let report = load(&self.path, &self.registry).await?;
+        self.status.touch();
+        Ok(report)
     }
 
     /// Runs the watch loop until `shutdown` is cancelled.
@@ -99,14 +109,17 @@ impl FileSource {
             }
             last = Some(now);
             match load(&self.path, &self.registry).await {
-                Ok(r) => tracing::info!(
+                Ok(r) => {
+                    self.status.touch();
+                    tracing::info!(
                     file = %self.path.display(),
                     revision = r.revision,
                     changed = r.changed,
                     removed = r.removed,
                     rejected = r.rejected.len(),
                     "snapshot file applied"
-                ),
+                    );
+                }
                 Err(e) => tracing::error!("snapshot file refused, keeping the last state: {e}"),
             }
         }
@@ -151,7 +164,12 @@ mod tests {
         let path = dir.join("deployments.json");
         std::fs::write(&path, doc(1, &["one"])).unwrap();
         let registry = Arc::new(Registry::new(Arc::new(Pools::default())));
-        let mut source = FileSource::new(path.clone(), Duration::from_millis(20), registry.clone());
+        let mut source = FileSource::new(
+            path.clone(),
+            Duration::from_millis(20),
+            registry.clone(),
+            Arc::default(),
+        );
         source.load_initial().await.unwrap();
         wait_for(&registry, "one", true).await;
         let stop = CancellationToken::new();

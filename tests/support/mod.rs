@@ -97,6 +97,7 @@ endpoints = ["builtin:echo"]
 
 pub struct TestEdge {
     pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
     pub running: Option<arkor_edge::Running>,
 }
@@ -127,6 +128,7 @@ impl TestEdge {
         let running = arkor_edge::start(config).await.expect("edge starts");
         TestEdge {
             addr: running.http_addr,
+            admin: running.admin_addr,
             dir,
             running: Some(running),
         }
@@ -143,6 +145,43 @@ impl TestEdge {
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
+        }
+    }
+
+    /// Stops the edge and hands back its folder (for a restart on the same state).
+    pub async fn stop_keep_dir(self) -> tempfile::TempDir {
+        let TestEdge { dir, running, .. } = self;
+        if let Some(r) = running {
+            r.shutdown().await;
+        }
+        dir
+    }
+
+    /// A request to the admin listener.
+    pub async fn admin(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: impl Into<Bytes>,
+    ) -> Answer {
+        let addr = self.admin.expect("admin listener enabled");
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}"));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req.body(Full::new(body.into())).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), client().request(req))
+            .await
+            .expect("admin answered in time")
+            .expect("admin request sent");
+        let (parts, body) = resp.into_parts();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
         }
     }
 }

@@ -1,0 +1,155 @@
+//! Static stability: the applied state is written to `state_dir` so a restart with the control
+//! plane down still serves what the edge knew.
+//!
+//! Writes are atomic (temp file, fsync, rename, fsync of the folder) and coalesced: after a
+//! change the writer waits [`COALESCE`] so a burst of events costs one write. Nothing is written
+//! before a whole state was loaded, so an empty start never overwrites a good file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Registry, SnapshotReport};
+
+/// File name inside `state_dir`.
+pub const STATE_FILE: &str = "state.json";
+/// Pause after a change before writing, so bursts coalesce.
+pub const COALESCE: Duration = Duration::from_millis(200);
+
+/// Loads the persisted state, if there is one. A file that does not parse is an error (and the
+/// registry is left as it was).
+pub async fn load(dir: &Path, registry: &Registry) -> Result<Option<SnapshotReport>, String> {
+    let path = dir.join(STATE_FILE);
+    let bytes = match tokio::fs::read(&path).await {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    registry
+        .apply_snapshot(&bytes)
+        .map(Some)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Writes `bytes` to `dir/state.json` atomically.
+pub async fn write(dir: PathBuf, bytes: Vec<u8>) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || write_blocking(&dir, &bytes))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+fn write_blocking(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{STATE_FILE}.tmp.{}", std::process::id()));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, dir.join(STATE_FILE))?;
+    // The rename is durable only once the folder's entry is.
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes the state after changes, coalesced, until `shutdown`; then writes once more.
+/// Returns how many writes succeeded.
+pub async fn run(dir: PathBuf, registry: Arc<Registry>, shutdown: CancellationToken) -> u64 {
+    let mut writes = 0;
+    loop {
+        tokio::select! {
+            _ = registry.changed() => {}
+            _ = shutdown.cancelled() => break,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(COALESCE) => {}
+            _ = shutdown.cancelled() => {}
+        }
+        writes += u64::from(persist(&dir, &registry).await);
+        if shutdown.is_cancelled() {
+            return writes;
+        }
+    }
+    writes + u64::from(persist(&dir, &registry).await)
+}
+
+async fn persist(dir: &Path, registry: &Registry) -> bool {
+    if !registry.is_loaded() {
+        return false;
+    }
+    let bytes = registry.export();
+    match write(dir.to_path_buf(), bytes).await {
+        Ok(()) => {
+            metrics::counter!(crate::metrics::STATE_WRITES, "result" => "ok").increment(1);
+            true
+        }
+        Err(e) => {
+            metrics::counter!(crate::metrics::STATE_WRITES, "result" => "failed").increment(1);
+            tracing::error!(dir = %dir.display(), "cannot persist the state: {e}");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::pool::Pools;
+
+    fn event(revision: u64, slug: &str) -> Vec<u8> {
+        serde_json::json!({"revision": revision, "op": "upsert_deployment", "deployment": {
+            "id": format!("id-{slug}"), "slug": slug, "enabled": true, "authMode": "none",
+            "target": {"type": "base_model", "baseModel": "m"}, "revision": revision}})
+        .to_string()
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn bursts_coalesce_and_the_file_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let registry = Arc::new(Registry::new(Arc::new(Pools::default())));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(state.clone(), Arc::clone(&registry), stop.clone()));
+
+        // Not loaded yet: changes are not written.
+        registry.apply_json_event(&event(1, "early"));
+        tokio::time::sleep(COALESCE * 2).await;
+        assert!(!state.join(STATE_FILE).exists());
+
+        registry
+            .apply_snapshot(br#"{"revision":1,"deployments":[],"keys":[]}"#)
+            .unwrap();
+        for i in 2..50 {
+            registry.apply_json_event(&event(i, &format!("s{i}")));
+        }
+        tokio::time::sleep(COALESCE * 3).await;
+        assert!(state.join(STATE_FILE).exists(), "state file written");
+
+        stop.cancel();
+        let writes = task.await.unwrap();
+        // One coalesced write for the burst (two if the snapshot's own notification was seen
+        // first), plus the final one at shutdown.
+        assert!((2..=3).contains(&writes), "{writes} writes for one burst");
+        let copy = Registry::new(Arc::new(Pools::default()));
+        let report = load(&state, &copy).await.unwrap().unwrap();
+        assert_eq!(report.revision, 49);
+        assert_eq!(copy.counts().0, 48);
+        assert!(
+            !std::fs::read_dir(&state)
+                .unwrap()
+                .any(|e| { e.unwrap().file_name().to_string_lossy().contains(".tmp.") })
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_file_is_no_state_and_garbage_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::new(Arc::new(Pools::default()));
+        assert_eq!(load(dir.path(), &registry).await.unwrap(), None);
+        std::fs::write(dir.path().join(STATE_FILE), "{garbage").unwrap();
+        assert!(load(dir.path(), &registry).await.is_err());
+        assert!(!registry.is_loaded());
+    }
+}
