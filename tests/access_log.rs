@@ -48,12 +48,32 @@ async fn one_json_line_per_request_without_keys() {
 
     let backend = Backend::start().await;
     let edge = TestEdge::start(&[backend.url()], "").await;
-    let ok = send(edge.addr, Method::POST, "keyed.arkor.app", "/v1/chat/completions",
-        &[("authorization", &bearer(KEYED_KEY)), ("x-request-id", "log-ok")], chat("x", false)).await;
+    let ok = send(
+        edge.addr,
+        Method::POST,
+        "keyed.arkor.app",
+        "/v1/chat/completions",
+        &[
+            ("authorization", &bearer(KEYED_KEY)),
+            ("x-request-id", "log-ok"),
+        ],
+        chat("x", false),
+    )
+    .await;
     assert_eq!(ok.status, 200);
     let wrong = "ark_live_wrongwrongwrongwrongwrong77";
-    let bad = send(edge.addr, Method::POST, "keyed.arkor.app", "/v1/chat/completions",
-        &[("authorization", &bearer(wrong)), ("x-request-id", "log-bad")], chat("x", false)).await;
+    let bad = send(
+        edge.addr,
+        Method::POST,
+        "keyed.arkor.app",
+        "/v1/chat/completions",
+        &[
+            ("authorization", &bearer(wrong)),
+            ("x-request-id", "log-bad"),
+        ],
+        chat("x", false),
+    )
+    .await;
     assert_eq!(bad.status, 401);
 
     let mut lines = Vec::new();
@@ -81,7 +101,10 @@ async fn one_json_line_per_request_without_keys() {
 
     let everything = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     for key in [KEYED_KEY, wrong] {
-        assert!(!everything.contains(&key[..13]), "more than 12 characters of a key were logged");
+        assert!(
+            !everything.contains(&key[..13]),
+            "more than 12 characters of a key were logged"
+        );
     }
     edge.stop().await;
 }
