@@ -24,6 +24,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Listening addresses.
     pub listen: Listen,
+    /// Certificates of the HTTPS listener.
+    pub tls: TlsConfig,
     /// The admin listener's credentials and limits.
     pub admin: Admin,
     /// Where deployments and keys come from.
@@ -49,6 +51,7 @@ impl Default for Config {
             base_domains: vec!["arkor.app".to_owned()],
             state_dir: PathBuf::from("../var/state"),
             listen: Listen::default(),
+            tls: TlsConfig::default(),
             admin: Admin::default(),
             control_plane: ControlPlane::default(),
             usage: Usage::default(),
@@ -67,6 +70,8 @@ impl Default for Config {
 pub struct Listen {
     /// Plain HTTP (HTTP/1.1 and h2c prior knowledge); `""` disables it.
     pub http: String,
+    /// HTTPS (HTTP/1.1 and HTTP/2 by ALPN); off unless set; needs `[tls]`.
+    pub https: String,
     /// Admin listener (health, metrics, push); `""` disables it.
     pub admin: String,
 }
@@ -75,9 +80,43 @@ impl Default for Listen {
     fn default() -> Self {
         Listen {
             http: "127.0.0.1:8080".to_owned(),
+            https: String::new(),
             admin: "127.0.0.1:9090".to_owned(),
         }
     }
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Certificate chains and keys (PEM), picked by SNI; the first also serves handshakes
+    /// without SNI.
+    pub certs: Vec<CertFiles>,
+    /// How often the files are checked for a change.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// A TLS handshake must finish within this.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            certs: Vec::new(),
+            reload_interval: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One certificate chain and its private key, PEM files (relative to the config file).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A credential from config: the value, a file holding it, or an environment variable.
@@ -302,6 +341,10 @@ pub struct Timeouts {
     /// idle wait for the next request on a keep-alive connection).
     #[serde(with = "humantime_serde")]
     pub client_header: Duration,
+    /// A connection with no request in flight for this long is closed (HTTP/2; on HTTP/1.1
+    /// the wait for the next request head is bounded by `client_header`, the shorter one wins).
+    #[serde(with = "humantime_serde")]
+    pub client_idle: Duration,
     /// A client must send its whole request body within this.
     #[serde(with = "humantime_serde")]
     pub client_body: Duration,
@@ -323,6 +366,7 @@ impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
             client_header: Duration::from_secs(10),
+            client_idle: Duration::from_secs(60),
             client_body: Duration::from_secs(60),
             upstream_connect: Duration::from_secs(2),
             upstream_first_byte: Duration::from_secs(120),
@@ -392,6 +436,23 @@ impl Config {
         self.listen.http.parse().ok()
     }
 
+    /// The HTTPS listen address, if enabled (validated).
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.listen.https.parse().ok()
+    }
+
+    /// The certificate files, resolved against the config folder.
+    pub fn cert_files(&self) -> Vec<CertFiles> {
+        self.tls
+            .certs
+            .iter()
+            .map(|c| CertFiles {
+                cert: self.resolve(&c.cert),
+                key: self.resolve(&c.key),
+            })
+            .collect()
+    }
+
     /// The admin listen address, if enabled (validated).
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.listen.admin.parse().ok()
@@ -429,14 +490,27 @@ impl Config {
                 problems.push(format!("base_domains[{i}]: {b:?} is not a domain name"));
             }
         }
-        if self.listen.http.is_empty() {
-            problems.push("listen.http: no data listener is enabled".to_owned());
-        } else if self.listen.http.parse::<SocketAddr>().is_err() {
+        if self.listen.http.is_empty() && self.listen.https.is_empty() {
+            problems.push("listen: neither listen.http nor listen.https is enabled".to_owned());
+        } else if !self.listen.http.is_empty() && self.listen.http.parse::<SocketAddr>().is_err() {
             problems.push(format!(
                 "listen.http: {:?} is not an address like \"127.0.0.1:8080\"",
                 self.listen.http
             ));
         }
+        if !self.listen.https.is_empty() {
+            if self.listen.https.parse::<SocketAddr>().is_err() {
+                problems.push(format!(
+                    "listen.https: {:?} is not an address like \"0.0.0.0:443\"",
+                    self.listen.https
+                ));
+            }
+            if self.tls.certs.is_empty() {
+                problems.push("tls.certs: listen.https needs at least one certificate".to_owned());
+            }
+        }
+        positive(&mut problems, "tls.reload_interval", self.tls.reload_interval);
+        positive(&mut problems, "tls.handshake_timeout", self.tls.handshake_timeout);
         if !self.listen.admin.is_empty() && self.listen.admin.parse::<SocketAddr>().is_err() {
             problems.push(format!(
                 "listen.admin: {:?} is not an address like \"127.0.0.1:9090\"",
@@ -489,6 +563,7 @@ impl Config {
         let t = &self.timeouts;
         for (name, d) in [
             ("timeouts.client_header", t.client_header),
+            ("timeouts.client_idle", t.client_idle),
             ("timeouts.client_body", t.client_body),
             ("timeouts.upstream_connect", t.upstream_connect),
             ("timeouts.upstream_first_byte", t.upstream_first_byte),

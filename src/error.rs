@@ -55,6 +55,8 @@ impl BodyProblem {
 pub enum EdgeError {
     /// No usable Host, another domain, a bad or reserved slug, an unknown or disabled deployment.
     DeploymentNotFound,
+    /// Over TLS, the SNI names another host than `Host` / `:authority`.
+    MisdirectedRequest,
     /// `fixed_api_key` deployment, no `Authorization` header.
     MissingApiKey,
     /// Wrong scheme, malformed token, unknown, revoked or foreign key.
@@ -142,6 +144,15 @@ impl EdgeError {
                     "No deployment is served at this address.",
                     "invalid_request_error",
                     "deployment_not_found"
+                ),
+            ),
+            MisdirectedRequest => (
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected_request",
+                envelope!(
+                    "This connection was opened for another host name.",
+                    "invalid_request_error",
+                    "misdirected_request"
                 ),
             ),
             MissingApiKey => (
@@ -341,8 +352,9 @@ mod tests {
     use http_body_util::Full;
     use serde_json::Value;
 
-    const ALL: [EdgeError; 13] = [
+    const ALL: [EdgeError; 14] = [
         EdgeError::DeploymentNotFound,
+        EdgeError::MisdirectedRequest,
         EdgeError::MissingApiKey,
         EdgeError::InvalidApiKey,
         EdgeError::UnknownUrl,
@@ -363,8 +375,9 @@ mod tests {
 
     #[test]
     fn statuses_and_codes_follow_the_spec() {
-        let expected: [(u16, &str); 13] = [
+        let expected: [(u16, &str); 14] = [
             (404, "deployment_not_found"),
+            (421, "misdirected_request"),
             (401, "missing_api_key"),
             (401, "invalid_api_key"),
             (404, "unknown_url"),

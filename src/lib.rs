@@ -31,6 +31,7 @@ pub mod router;
 pub mod server;
 pub mod stream;
 pub mod sync;
+pub mod tls;
 pub mod usage;
 
 use std::net::SocketAddr;
@@ -54,8 +55,10 @@ use usage::report::Reporter;
 
 /// A running edge.
 pub struct Running {
-    /// Where the plain HTTP listener is bound.
-    pub http_addr: SocketAddr,
+    /// Where the plain HTTP listener is bound, if enabled.
+    pub http_addr: Option<SocketAddr>,
+    /// Where the HTTPS listener is bound, if enabled.
+    pub https_addr: Option<SocketAddr>,
     /// Where the admin listener is bound, if enabled.
     pub admin_addr: Option<SocketAddr>,
     /// The registry the edge serves from.
@@ -165,22 +168,24 @@ pub async fn start(config: Config) -> Result<Running, String> {
         persister.await;
     });
 
-    let addr = config
-        .http_addr()
-        .ok_or_else(|| "listen.http: no address".to_owned())?;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("listen.http: cannot bind {addr}: {e}"))?;
-    let http_addr = listener
-        .local_addr()
-        .map_err(|e| format!("listen.http: {e}"))?;
+    let http = match config.http_addr() {
+        Some(addr) => Some(bind("listen.http", addr).await?),
+        None => None,
+    };
+    let https = match config.https_addr() {
+        Some(addr) => {
+            let tls = Arc::new(tls::Tls::new(config.cert_files())?);
+            tasks.spawn(Arc::clone(&tls).watch(config.tls.reload_interval, shutdown.clone()));
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
+            Some((bind("listen.https", addr).await?, acceptor))
+        }
+        None => None,
+    };
 
     let admin_addr = match config.admin_addr() {
         None => None,
         Some(addr) => {
-            let admin_listener = TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("listen.admin: cannot bind {addr}: {e}"))?;
+            let admin_listener = bind("listen.admin", addr).await?;
             let bound = admin_listener
                 .local_addr()
                 .map_err(|e| format!("listen.admin: {e}"))?;
@@ -211,15 +216,33 @@ pub async fn start(config: Config) -> Result<Running, String> {
         max_connections: config.limits.max_connections,
         max_header_bytes: config.limits.max_header_bytes,
         client_header: t.client_header,
+        client_idle: t.client_idle,
+        handshake_timeout: config.tls.handshake_timeout,
         shutdown_grace: t.shutdown_grace,
     };
-    tasks.spawn(server::serve(listener, edge, limits, shutdown.clone()));
-    tracing::info!(%http_addr, admin = ?admin_addr, source = source_name, "serving");
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
+    let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+    let https_addr = https.as_ref().and_then(|(l, _)| l.local_addr().ok());
+    if let Some(listener) = http {
+        let (edge, limits, slots) = (Arc::clone(&edge), limits.clone(), Arc::clone(&slots));
+        tasks.spawn(server::serve(listener, None, edge, limits, slots, shutdown.clone()));
+    }
+    if let Some((listener, acceptor)) = https {
+        tasks.spawn(server::serve(listener, Some(acceptor), edge, limits, slots, shutdown.clone()));
+    }
+    tracing::info!(http = ?http_addr, https = ?https_addr, admin = ?admin_addr, source = source_name, "serving");
     Ok(Running {
         http_addr,
+        https_addr,
         admin_addr,
         registry,
         shutdown,
         tasks,
     })
+}
+
+async fn bind(field: &str, addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("{field}: cannot bind {addr}: {e}"))
 }

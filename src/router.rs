@@ -86,6 +86,8 @@ pub struct Edge {
 pub struct ConnInfo {
     /// The client's IP, as sent upstream in `x-forwarded-for`.
     pub client_ip: HeaderValue,
+    /// The TLS server name the client asked for (normalised), on TLS connections that sent one.
+    pub sni: Option<Arc<str>>,
 }
 
 static EXPOSE_HEADERS: HeaderValue =
@@ -137,9 +139,13 @@ async fn serve(
     access: &mut Access,
 ) -> Result<Response<EdgeBody>, EdgeError> {
     // 1. Host → slug → enabled deployment. Disabled and unknown look the same.
-    let slug = host_of(&req)
-        .and_then(|host| Slug::from_host(host, &edge.base_domains))
-        .ok_or(EdgeError::DeploymentNotFound)?;
+    let host = host_of(&req).ok_or(EdgeError::DeploymentNotFound)?;
+    if let Some(sni) = &conn.sni {
+        if !same_host(host, sni) {
+            return Err(EdgeError::MisdirectedRequest);
+        }
+    }
+    let slug = Slug::from_host(host, &edge.base_domains).ok_or(EdgeError::DeploymentNotFound)?;
     access.slug = Some(slug);
     let deployment = edge
         .registry
@@ -184,6 +190,16 @@ fn host_of(req: &Request<Incoming>) -> Option<&[u8]> {
         (Some(host), None) => Some(host.as_bytes()),
         _ => None,
     }
+}
+
+/// Whether a `Host` value (port and trailing dot ignored, any case) names `sni`.
+fn same_host(host: &[u8], sni: &str) -> bool {
+    let name = match memchr::memrchr(b':', host) {
+        Some(i) if !host.starts_with(b"[") => &host[..i],
+        _ => host,
+    };
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    name.eq_ignore_ascii_case(sni.as_bytes())
 }
 
 /// The key must hash to a live key of this very deployment.
@@ -268,6 +284,14 @@ fn preflight(req: &Request<Incoming>) -> Response<EdgeBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sni_comparison() {
+        assert!(same_host(b"acme.arkor.app", "acme.arkor.app"));
+        assert!(same_host(b"ACME.arkor.app.:443", "acme.arkor.app"));
+        assert!(!same_host(b"other.arkor.app", "acme.arkor.app"));
+        assert!(!same_host(b"acme.arkor.app.evil", "acme.arkor.app"));
+    }
 
     #[test]
     fn route_table() {

@@ -313,6 +313,7 @@ pin_project! {
         #[pin]
         kind: Kind,
         access: Option<Access>,
+        in_flight: Option<crate::server::InFlight>,
     }
 
     impl PinnedDrop for EdgeBody {
@@ -344,12 +345,18 @@ impl EdgeBody {
         EdgeBody {
             kind: Kind::Proxied { inner },
             access: None,
+            in_flight: None,
         }
     }
 
     /// Attaches the request's record; it is finished with the body.
     pub fn attach(&mut self, access: Access) {
         self.access = Some(access);
+    }
+
+    /// Keeps the request counted as in flight on its connection until the body is done.
+    pub fn hold(&mut self, in_flight: crate::server::InFlight) {
+        self.in_flight = Some(in_flight);
     }
 }
 
@@ -360,6 +367,7 @@ impl From<Bytes> for EdgeBody {
                 data: (!data.is_empty()).then_some(data),
             },
             access: None,
+            in_flight: None,
         }
     }
 }

@@ -98,6 +98,7 @@ endpoints = ["builtin:echo"]
 
 pub struct TestEdge {
     pub addr: SocketAddr,
+    pub https: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
     pub running: Option<arkor_edge::Running>,
@@ -128,7 +129,8 @@ impl TestEdge {
         let config = Config::from_toml(toml, dir.path().to_path_buf()).expect("test config");
         let running = arkor_edge::start(config).await.expect("edge starts");
         TestEdge {
-            addr: running.http_addr,
+            addr: running.http_addr.expect("plain listener enabled"),
+            https: running.https_addr,
             admin: running.admin_addr,
             dir,
             running: Some(running),
