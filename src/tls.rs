@@ -29,6 +29,14 @@ fn serves(key: &CertifiedKey, name: &ServerName<'_>) -> bool {
     })
 }
 
+/// A sibling of `name` (same parent, another first label) that no exact certificate names: a
+/// certificate valid for `name` but not for the sibling matched `name` exactly, not through a
+/// wildcard.
+fn sibling(name: &str) -> Option<ServerName<'static>> {
+    let (_, parent) = name.split_once('.')?;
+    ServerName::try_from(format!("arkor-edge-wildcard-probe.{parent}")).ok()
+}
+
 /// Picks a certificate by SNI from the current set.
 #[derive(Debug)]
 pub struct CertResolver {
@@ -53,7 +61,12 @@ impl ResolvesServerCert for CertResolver {
             return keys.first().cloned();
         };
         let name = ServerName::try_from(sni).ok()?;
-        keys.iter().find(|key| serves(key, &name)).cloned()
+        // An exact name wins over a wildcard, whatever the order in the config.
+        let probe = sibling(sni);
+        keys.iter()
+            .find(|key| serves(key, &name) && probe.as_ref().is_none_or(|p| !serves(key, p)))
+            .or_else(|| keys.iter().find(|key| serves(key, &name)))
+            .cloned()
     }
 }
 

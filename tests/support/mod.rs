@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod tls;
 pub mod control_plane;
 
 use std::net::SocketAddr;
