@@ -12,7 +12,7 @@ use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::backend::Backend;
-use support::tls::{TestCa, alpn, connect, peer_cert};
+use support::tls::{TestCa, alpn, connect, peer_cert, start_tls_edge};
 use support::*;
 
 struct TlsEdge {
@@ -25,20 +25,7 @@ struct TlsEdge {
 
 async fn tls_edge() -> TlsEdge {
     let backend = Backend::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("deployments.json"), fixture(1).to_string()).unwrap();
-    let ca = TestCa::new();
-    let wildcard = ca.issue(dir.path(), "wildcard", &["*.arkor.app"]);
-    let special = ca.issue(dir.path(), "special", &["special.arkor.app"]);
-    let toml = config_toml(
-        &[backend.url()],
-        "",
-        "file = \"deployments.json\"",
-        "[tls]\ncerts = [{ cert = \"wildcard.pem\", key = \"wildcard.key\" }, \
-         { cert = \"special.pem\", key = \"special.key\" }]\nreload_interval = \"50ms\"\n",
-    )
-    .replace("admin = \"127.0.0.1:0\"", "admin = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"");
-    let edge = TestEdge::launch(dir, &toml).await;
+    let (edge, ca, wildcard, special) = start_tls_edge(&[backend.url()]).await;
     TlsEdge { edge, ca, wildcard, special, _backend: backend }
 }
 

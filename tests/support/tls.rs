@@ -83,3 +83,26 @@ pub fn peer_cert(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
 pub fn alpn(stream: &TlsStream<TcpStream>) -> Option<Vec<u8>> {
     stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec)
 }
+
+/// The edge with its HTTPS listener on: a wildcard `*.arkor.app` certificate first, then an
+/// exact `special.arkor.app` one, both from a fresh CA. Returns the edge, the CA and the two
+/// certificates' DER.
+pub async fn start_tls_edge(
+    endpoints: &[String],
+) -> (super::TestEdge, TestCa, CertificateDer<'static>, CertificateDer<'static>) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("deployments.json"), super::fixture(1).to_string()).unwrap();
+    let ca = TestCa::new();
+    let wildcard = ca.issue(dir.path(), "wildcard", &["*.arkor.app"]);
+    let special = ca.issue(dir.path(), "special", &["special.arkor.app"]);
+    let toml = super::config_toml(
+        endpoints,
+        "",
+        "file = \"deployments.json\"",
+        "[tls]\ncerts = [{ cert = \"wildcard.pem\", key = \"wildcard.key\" }, \
+         { cert = \"special.pem\", key = \"special.key\" }]\nreload_interval = \"50ms\"\n",
+    )
+    .replace("admin = \"127.0.0.1:0\"", "admin = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"");
+    let edge = super::TestEdge::launch(dir, &toml).await;
+    (edge, ca, wildcard, special)
+}
