@@ -509,8 +509,16 @@ impl Config {
                 problems.push("tls.certs: listen.https needs at least one certificate".to_owned());
             }
         }
-        positive(&mut problems, "tls.reload_interval", self.tls.reload_interval);
-        positive(&mut problems, "tls.handshake_timeout", self.tls.handshake_timeout);
+        positive(
+            &mut problems,
+            "tls.reload_interval",
+            self.tls.reload_interval,
+        );
+        positive(
+            &mut problems,
+            "tls.handshake_timeout",
+            self.tls.handshake_timeout,
+        );
         if !self.listen.admin.is_empty() && self.listen.admin.parse::<SocketAddr>().is_err() {
             problems.push(format!(
                 "listen.admin: {:?} is not an address like \"127.0.0.1:9090\"",

@@ -225,10 +225,24 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let https_addr = https.as_ref().and_then(|(l, _)| l.local_addr().ok());
     if let Some(listener) = http {
         let (edge, limits, slots) = (Arc::clone(&edge), limits.clone(), Arc::clone(&slots));
-        tasks.spawn(server::serve(listener, None, edge, limits, slots, shutdown.clone()));
+        tasks.spawn(server::serve(
+            listener,
+            None,
+            edge,
+            limits,
+            slots,
+            shutdown.clone(),
+        ));
     }
     if let Some((listener, acceptor)) = https {
-        tasks.spawn(server::serve(listener, Some(acceptor), edge, limits, slots, shutdown.clone()));
+        tasks.spawn(server::serve(
+            listener,
+            Some(acceptor),
+            edge,
+            limits,
+            slots,
+            shutdown.clone(),
+        ));
     }
     tracing::info!(http = ?http_addr, https = ?https_addr, admin = ?admin_addr, source = source_name, "serving");
     Ok(Running {

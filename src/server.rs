@@ -17,8 +17,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::time::Instant;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -57,6 +57,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let builder = builder(&limits);
+    // Cancelled when the grace is over: connections still open are then dropped.
+    let force = CancellationToken::new();
     let mut backoff = Duration::from_millis(5);
     loop {
         let (stream, peer) = tokio::select! {
@@ -84,6 +86,7 @@ pub async fn serve(
         let conn = Conn {
             builder: builder.clone(),
             shutdown: shutdown.clone(),
+            force: force.clone(),
             client_idle: limits.client_idle,
             edge: Arc::clone(&edge),
             peer,
@@ -112,7 +115,8 @@ pub async fn serve(
     tokio::select! {
         _ = slots.acquire_many(all) => tracing::info!("all connections closed"),
         _ = tokio::time::sleep(limits.shutdown_grace) => {
-            tracing::warn!("shutdown grace elapsed with connections still open");
+            tracing::warn!("shutdown grace elapsed, closing the connections still open");
+            force.cancel();
         }
     }
 }
@@ -180,7 +184,8 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let a = &self.0;
         *a.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-        a.in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        a.in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -188,6 +193,7 @@ impl Drop for InFlight {
 struct Conn {
     builder: auto::Builder<TokioExecutor>,
     shutdown: CancellationToken,
+    force: CancellationToken,
     client_idle: Duration,
     edge: Arc<Edge>,
     peer: SocketAddr,
@@ -211,6 +217,7 @@ impl Conn {
         let Conn {
             builder,
             shutdown,
+            force,
             client_idle,
             edge,
             peer,
@@ -241,6 +248,7 @@ impl Conn {
         let result = loop {
             tokio::select! {
                 result = conn.as_mut() => break result,
+                _ = force.cancelled() => break Ok(()),
                 _ = shutdown.cancelled(), if !closing => {
                     closing = true;
                     conn.as_mut().graceful_shutdown();

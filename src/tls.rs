@@ -71,14 +71,21 @@ impl ResolvesServerCert for CertResolver {
 }
 
 /// Loads every configured certificate; fails on the first that does not load, naming it.
-fn load_all(files: &[CertFiles], provider: &CryptoProvider) -> Result<Vec<Arc<CertifiedKey>>, String> {
+fn load_all(
+    files: &[CertFiles],
+    provider: &CryptoProvider,
+) -> Result<Vec<Arc<CertifiedKey>>, String> {
     files
         .iter()
         .map(|f| load_one(&f.cert, &f.key, provider))
         .collect()
 }
 
-fn load_one(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, String> {
+fn load_one(
+    cert: &Path,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> Result<Arc<CertifiedKey>, String> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("{}: {e}", cert.display()))?;
@@ -154,7 +161,9 @@ impl Tls {
             last = now;
             match self.reload() {
                 Ok(()) => tracing::info!("tls certificates reloaded"),
-                Err(e) => tracing::error!("tls certificates not reloaded, keeping the last good set: {e}"),
+                Err(e) => {
+                    tracing::error!("tls certificates not reloaded, keeping the last good set: {e}")
+                }
             }
         }
     }
@@ -174,5 +183,8 @@ impl Tls {
 
 /// Normalises a TLS server name for comparison with a Host: lower case, no trailing dot.
 pub fn normalise_sni(sni: &str) -> Box<str> {
-    sni.strip_suffix('.').unwrap_or(sni).to_ascii_lowercase().into()
+    sni.strip_suffix('.')
+        .unwrap_or(sni)
+        .to_ascii_lowercase()
+        .into()
 }

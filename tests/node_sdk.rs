@@ -52,7 +52,10 @@ async fn official_node_sdk_over_tls() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "Node SDK check failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "Node SDK check failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("node sdk: 13 checks passed"), "{stdout}");
     edge.stop().await;
 }

@@ -26,7 +26,13 @@ struct TlsEdge {
 async fn tls_edge() -> TlsEdge {
     let backend = Backend::start().await;
     let (edge, ca, wildcard, special) = start_tls_edge(&[backend.url()]).await;
-    TlsEdge { edge, ca, wildcard, special, _backend: backend }
+    TlsEdge {
+        edge,
+        ca,
+        wildcard,
+        special,
+        _backend: backend,
+    }
 }
 
 /// Sends one request over a fresh TLS connection; returns (status, ALPN, body).
@@ -37,7 +43,9 @@ async fn request_over_tls(
     alpn_offer: &[&[u8]],
     path: &str,
 ) -> (u16, Option<Vec<u8>>, Bytes) {
-    let stream = connect(&t.ca.client(alpn_offer), t.edge.https.unwrap(), sni).await.unwrap();
+    let stream = connect(&t.ca.client(alpn_offer), t.edge.https.unwrap(), sni)
+        .await
+        .unwrap();
     let negotiated = alpn(&stream);
     let io = TokioIo::new(stream);
     let req = Request::builder()
@@ -46,18 +54,26 @@ async fn request_over_tls(
         .body(Full::new(Bytes::new()))
         .unwrap();
     let resp = if negotiated.as_deref() == Some(b"h2") {
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
         tokio::spawn(conn);
         let (mut parts, body) = req.into_parts();
         parts.uri = format!("https://{host}{path}").parse().unwrap();
-        sender.send_request(Request::from_parts(parts, body)).await.unwrap()
+        sender
+            .send_request(Request::from_parts(parts, body))
+            .await
+            .unwrap()
     } else {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
         tokio::spawn(conn);
         let (mut parts, body) = req.into_parts();
         parts.uri = path.parse().unwrap();
         parts.headers.insert("host", host.parse().unwrap());
-        sender.send_request(Request::from_parts(parts, body)).await.unwrap()
+        sender
+            .send_request(Request::from_parts(parts, body))
+            .await
+            .unwrap()
     };
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -68,23 +84,45 @@ async fn request_over_tls(
 async fn certificates_are_chosen_by_sni() {
     let t = tls_edge().await;
     let client = t.ca.client(&[b"http/1.1"]);
-    let s = connect(&client, t.edge.https.unwrap(), "keyed.arkor.app").await.unwrap();
+    let s = connect(&client, t.edge.https.unwrap(), "keyed.arkor.app")
+        .await
+        .unwrap();
     assert_eq!(peer_cert(&s), t.wildcard);
     // The exact certificate wins over the wildcard listed before it.
-    let s = connect(&client, t.edge.https.unwrap(), "special.arkor.app").await.unwrap();
+    let s = connect(&client, t.edge.https.unwrap(), "special.arkor.app")
+        .await
+        .unwrap();
     assert_eq!(peer_cert(&s), t.special);
     // A name no certificate serves: no handshake.
-    assert!(connect(&client, t.edge.https.unwrap(), "api.example.com").await.is_err());
+    assert!(
+        connect(&client, t.edge.https.unwrap(), "api.example.com")
+            .await
+            .is_err()
+    );
     t.edge.stop().await;
 }
 
 #[tokio::test]
 async fn alpn_picks_http2_or_http1() {
     let t = tls_edge().await;
-    let (status, proto, body) = request_over_tls(&t, "keyed.arkor.app", "keyed.arkor.app", &[b"h2", b"http/1.1"], "/v1/models").await;
+    let (status, proto, body) = request_over_tls(
+        &t,
+        "keyed.arkor.app",
+        "keyed.arkor.app",
+        &[b"h2", b"http/1.1"],
+        "/v1/models",
+    )
+    .await;
     assert_eq!((status, proto.as_deref()), (200, Some(&b"h2"[..])));
     assert!(String::from_utf8_lossy(&body).contains(KEYED_MODEL));
-    let (status, proto, _) = request_over_tls(&t, "keyed.arkor.app", "keyed.arkor.app", &[b"http/1.1"], "/v1/models").await;
+    let (status, proto, _) = request_over_tls(
+        &t,
+        "keyed.arkor.app",
+        "keyed.arkor.app",
+        &[b"http/1.1"],
+        "/v1/models",
+    )
+    .await;
     assert_eq!((status, proto.as_deref()), (200, Some(&b"http/1.1"[..])));
     t.edge.stop().await;
 }
@@ -93,12 +131,20 @@ async fn alpn_picks_http2_or_http1() {
 async fn a_host_other_than_the_sni_is_421() {
     let t = tls_edge().await;
     for offer in [&[&b"h2"[..]][..], &[&b"http/1.1"[..]][..]] {
-        let (status, _, body) = request_over_tls(&t, "open.arkor.app", "keyed.arkor.app", offer, "/v1/models").await;
+        let (status, _, body) =
+            request_over_tls(&t, "open.arkor.app", "keyed.arkor.app", offer, "/v1/models").await;
         assert_eq!(status, 421, "{offer:?}");
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["error"]["code"], "misdirected_request");
         // Same name in another spelling is fine.
-        let (status, _, _) = request_over_tls(&t, "keyed.arkor.app", "KEYED.arkor.app.:443", offer, "/v1/models").await;
+        let (status, _, _) = request_over_tls(
+            &t,
+            "keyed.arkor.app",
+            "KEYED.arkor.app.:443",
+            offer,
+            "/v1/models",
+        )
+        .await;
         assert_eq!(status, 200, "{offer:?}");
     }
     t.edge.stop().await;
@@ -110,8 +156,12 @@ async fn certificates_reload_and_a_broken_reload_keeps_the_last_good_set() {
     let dir = t.edge.dir.path();
     let client = t.ca.client(&[b"http/1.1"]);
     // A connection opened before the reload keeps working afterwards.
-    let old = connect(&client, t.edge.https.unwrap(), "keyed.arkor.app").await.unwrap();
-    let (mut old_sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(old)).await.unwrap();
+    let old = connect(&client, t.edge.https.unwrap(), "keyed.arkor.app")
+        .await
+        .unwrap();
+    let (mut old_sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(old))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let models = || {
         Request::get("/v1/models")
@@ -120,12 +170,17 @@ async fn certificates_reload_and_a_broken_reload_keeps_the_last_good_set() {
             .body(Full::new(Bytes::new()))
             .unwrap()
     };
-    assert_eq!(old_sender.send_request(models()).await.unwrap().status(), 200);
+    assert_eq!(
+        old_sender.send_request(models()).await.unwrap().status(),
+        200
+    );
     let renewed = t.ca.issue(dir, "wildcard", &["*.arkor.app"]);
     assert_ne!(renewed, t.wildcard);
     let mut seen = None;
     for _ in 0..100 {
-        let s = connect(&client, t.edge.https.unwrap(), "keyed.arkor.app").await.unwrap();
+        let s = connect(&client, t.edge.https.unwrap(), "keyed.arkor.app")
+            .await
+            .unwrap();
         if peer_cert(&s) == renewed {
             seen = Some(());
             break;
@@ -134,11 +189,21 @@ async fn certificates_reload_and_a_broken_reload_keeps_the_last_good_set() {
     }
     assert!(seen.is_some(), "the renewed certificate was never served");
     let resp = old_sender.send_request(models()).await.unwrap();
-    assert_eq!(resp.status(), 200, "a connection from before the reload was dropped");
+    assert_eq!(
+        resp.status(),
+        200,
+        "a connection from before the reload was dropped"
+    );
     // A broken key file: the renewed set stays in service.
-    std::fs::write(dir.join("wildcard.key"), "-----BEGIN PRIVATE KEY-----\nbroken\n").unwrap();
+    std::fs::write(
+        dir.join("wildcard.key"),
+        "-----BEGIN PRIVATE KEY-----\nbroken\n",
+    )
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let s = connect(&client, t.edge.https.unwrap(), "keyed.arkor.app").await.unwrap();
+    let s = connect(&client, t.edge.https.unwrap(), "keyed.arkor.app")
+        .await
+        .unwrap();
     assert_eq!(peer_cert(&s), renewed);
     t.edge.stop().await;
 }
@@ -146,8 +211,17 @@ async fn certificates_reload_and_a_broken_reload_keeps_the_last_good_set() {
 #[tokio::test]
 async fn streams_over_tls_and_http2() {
     let t = tls_edge().await;
-    let stream = connect(&t.ca.client(&[b"h2"]), t.edge.https.unwrap(), "keyed.arkor.app").await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    let stream = connect(
+        &t.ca.client(&[b"h2"]),
+        t.edge.https.unwrap(),
+        "keyed.arkor.app",
+    )
+    .await
+    .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let req = Request::post("https://keyed.arkor.app/v1/chat/completions")
         .header("authorization", bearer(KEYED_KEY))

@@ -4,8 +4,8 @@
 #![allow(dead_code)]
 
 pub mod backend;
-pub mod tls;
 pub mod control_plane;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -89,9 +89,18 @@ pub fn alpn(stream: &TlsStream<TcpStream>) -> Option<Vec<u8>> {
 /// certificates' DER.
 pub async fn start_tls_edge(
     endpoints: &[String],
-) -> (super::TestEdge, TestCa, CertificateDer<'static>, CertificateDer<'static>) {
+) -> (
+    super::TestEdge,
+    TestCa,
+    CertificateDer<'static>,
+    CertificateDer<'static>,
+) {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("deployments.json"), super::fixture(1).to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("deployments.json"),
+        super::fixture(1).to_string(),
+    )
+    .unwrap();
     let ca = TestCa::new();
     let wildcard = ca.issue(dir.path(), "wildcard", &["*.arkor.app"]);
     let special = ca.issue(dir.path(), "special", &["special.arkor.app"]);
@@ -102,7 +111,10 @@ pub async fn start_tls_edge(
         "[tls]\ncerts = [{ cert = \"wildcard.pem\", key = \"wildcard.key\" }, \
          { cert = \"special.pem\", key = \"special.key\" }]\nreload_interval = \"50ms\"\n",
     )
-    .replace("admin = \"127.0.0.1:0\"", "admin = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"");
+    .replace(
+        "admin = \"127.0.0.1:0\"",
+        "admin = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"",
+    );
     let edge = super::TestEdge::launch(dir, &toml).await;
     (edge, ca, wildcard, special)
 }
