@@ -24,6 +24,7 @@ pub mod config;
 pub mod error;
 pub mod headers;
 pub mod host;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;
