@@ -256,3 +256,160 @@ async fn a_first_start_with_the_control_plane_down_is_not_ready_until_it_is_up()
     assert_eq!(keyed_status(&edge).await, 200);
     edge.stop().await;
 }
+
+#[tokio::test]
+async fn usage_reports_match_the_requests_made() {
+    let backend = Backend::start().await;
+    let cp = ControlPlane::start().await;
+    cp.set_snapshot(fixture(3));
+    let toml = pull_toml(&backend, &cp, "[usage]\nreport_interval = \"100ms\"\n");
+    let edge = TestEdge::launch(tempfile::tempdir().unwrap(), &toml).await;
+    let auth = bearer(KEYED_KEY);
+    let keyed = |mock: &'static str, body: String| {
+        let auth = auth.clone();
+        let addr = edge.addr;
+        async move {
+            send(
+                addr,
+                Method::POST,
+                "keyed.arkor.app",
+                "/v1/chat/completions",
+                &[("authorization", auth.as_str()), ("x-mock", mock)],
+                body,
+            )
+            .await
+        }
+    };
+    // Two non-streamed (backend usage 1 + 1 each).
+    for _ in 0..2 {
+        assert_eq!(keyed("", chat("x", false)).await.status, 200);
+    }
+    // A stream whose client did not ask for usage: the edge asks, counts, and hides the chunk.
+    let hidden = keyed("usage-stream", chat("x", true)).await;
+    assert_eq!(hidden.status, 200);
+    assert!(
+        !hidden.text().contains("prompt_tokens"),
+        "usage chunk leaked: {}",
+        hidden.text()
+    );
+    assert!(hidden.text().ends_with("data: [DONE]\n\n"));
+    assert_eq!(
+        backend.seen().last().unwrap().json()["stream_options"]["include_usage"],
+        true
+    );
+    // A stream whose client asked: it sees the chunk.
+    let asked = json!({"model": "x", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let shown = keyed("usage-stream", asked).await;
+    assert!(
+        shown.text().contains("\"prompt_tokens\":7"),
+        "{}",
+        shown.text()
+    );
+    // A refused body still counts as a proxied request, with no tokens.
+    assert_eq!(keyed("", "[]".to_owned()).await.status, 400);
+    // A public deployment: no key.
+    let a = send(
+        edge.addr,
+        Method::POST,
+        "open.arkor.app",
+        "/v1/chat/completions",
+        &[],
+        chat("x", false),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    // Not proxied: never counted.
+    assert_eq!(
+        send(
+            edge.addr,
+            Method::GET,
+            "open.arkor.app",
+            "/v1/models",
+            &[],
+            ""
+        )
+        .await
+        .status,
+        200
+    );
+
+    let totals = || {
+        let mut by_pair: std::collections::BTreeMap<(String, String), (u64, u64, u64)> =
+            Default::default();
+        for post in cp.usage_posts() {
+            let v: Value = serde_json::from_slice(&post).unwrap();
+            for r in v["reports"].as_array().unwrap() {
+                assert!(r["lastUsedAt"].as_str().unwrap().ends_with('Z'));
+                let e = by_pair
+                    .entry((
+                        r["deploymentId"].as_str().unwrap().to_owned(),
+                        r["keyId"].to_string(),
+                    ))
+                    .or_default();
+                e.0 += r["requests"].as_u64().unwrap();
+                e.1 += r["promptTokens"].as_u64().unwrap();
+                e.2 += r["completionTokens"].as_u64().unwrap();
+            }
+        }
+        by_pair
+    };
+    let expected: std::collections::BTreeMap<(String, String), (u64, u64, u64)> = [
+        (("d-keyed".to_owned(), "\"k-keyed\"".to_owned()), (5, 16, 8)),
+        (("d-open".to_owned(), "null".to_owned()), (1, 1, 1)),
+    ]
+    .into_iter()
+    .collect();
+    assert!(
+        eventually(|| async { totals() == expected }).await,
+        "usage reports {:?} != {expected:?}",
+        totals()
+    );
+    assert!(
+        cp.requests()
+            .iter()
+            .filter(|r| r.path.contains("usage"))
+            .all(|r| r.authorization.as_deref() == Some("Bearer cp-secret"))
+    );
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_usage_post_is_kept_for_the_next_report() {
+    let backend = Backend::start().await;
+    let cp = ControlPlane::start().await;
+    cp.set_snapshot(fixture(3));
+    cp.set_usage_status(503);
+    let toml = pull_toml(&backend, &cp, "[usage]\nreport_interval = \"100ms\"\n");
+    let edge = TestEdge::launch(tempfile::tempdir().unwrap(), &toml).await;
+    for _ in 0..3 {
+        let a = send(
+            edge.addr,
+            Method::POST,
+            "open.arkor.app",
+            "/v1/chat/completions",
+            &[],
+            chat("x", false),
+        )
+        .await;
+        assert_eq!(a.status, 200);
+    }
+    assert!(
+        eventually(|| async { cp.usage_posts().len() >= 2 }).await,
+        "no retried post"
+    );
+    cp.set_usage_status(200);
+    let delivered = || {
+        cp.usage_posts()
+            .last()
+            .map(|p| serde_json::from_slice::<Value>(p).unwrap()["reports"][0]["requests"].as_u64())
+    };
+    // Once the control plane accepts again, the three requests arrive in one report.
+    assert!(
+        eventually(|| async { delivered() == Some(Some(3)) }).await,
+        "{:?}",
+        delivered()
+    );
+    edge.stop().await;
+}

@@ -13,6 +13,7 @@
 //! | `silent` | SSE: one event, then silence |
 //! | `break` | SSE: one event, then the connection is cut |
 //! | `status:NNN` | that status with an OpenAI-style error body and some hop-by-hop headers |
+//! | `usage-stream` | SSE: two content events, then — if the request asked with `stream_options.include_usage` — a usage-only chunk (prompt 7, completion 3), then `[DONE]` |
 //!
 //! Whenever a response body or a pending answer is dropped before it finished (the edge went
 //! away), `"closed:<x-mock>"` is recorded in [`Backend::events`].
@@ -273,7 +274,27 @@ async fn answer(s: Shared, req: Request<Incoming>) -> Response<BoxBody> {
         h.insert("connection", HeaderValue::from_static("x-hop"));
         return r;
     }
+    let include_usage = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/stream_options/include_usage")
+                .and_then(|u| u.as_bool())
+        })
+        .unwrap_or(false);
     match mock.as_str() {
+        "usage-stream" => sse(&mock, &s, move |tx, _| {
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(sse_event(0))).await;
+                let _ = tx.send(Ok(sse_event(1))).await;
+                if include_usage {
+                    let usage = Bytes::from_static(
+                        b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3,\"total_tokens\":10}}\n\n",
+                    );
+                    let _ = tx.send(Ok(usage)).await;
+                }
+                let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+            })
+        }),
         "gated" => sse(&mock, &s, |tx, gate| {
             tokio::spawn(async move {
                 let _ = tx.send(Ok(sse_event(0))).await;
