@@ -38,6 +38,8 @@ pub struct Access {
     pub bytes: u64,
     pub usage: Option<Usage>,
     pub usage_target: Option<UsageTarget>,
+    /// The rate-limit quota left, for the `x-ratelimit-*` headers.
+    pub quota: Option<crate::limits::Quota>,
     log: bool,
 }
 
@@ -56,6 +58,7 @@ impl Access {
             bytes: 0,
             usage: None,
             usage_target: None,
+            quota: None,
             log,
         }
     }

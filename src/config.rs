@@ -30,6 +30,8 @@ pub struct Config {
     pub admin: Admin,
     /// Where deployments and keys come from.
     pub control_plane: ControlPlane,
+    /// Optional token-bucket rate limit per key (per deployment for `authMode: "none"`).
+    pub rate_limits: Option<RateLimits>,
     /// Usage reporting.
     pub usage: Usage,
     /// Logging.
@@ -54,6 +56,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             admin: Admin::default(),
             control_plane: ControlPlane::default(),
+            rate_limits: None,
             usage: Usage::default(),
             log: Log::default(),
             pools: Vec::new(),
@@ -174,6 +177,23 @@ impl Default for Admin {
             secret: None,
         }
     }
+}
+
+/// `[rate_limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimits {
+    /// Sustained rate per key.
+    pub requests_per_second: f64,
+    /// Requests allowed at once (the bucket size).
+    pub burst: u32,
+    /// Most keys tracked at once; beyond it, new keys are not limited until idle ones expire.
+    #[serde(default = "default_max_subjects")]
+    pub max_subjects: usize,
+}
+
+fn default_max_subjects() -> usize {
+    crate::limits::DEFAULT_MAX_SUBJECTS
 }
 
 /// `[usage]`.
@@ -321,6 +341,12 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Most client connections open at once; more are closed on accept.
     pub max_connections: usize,
+    /// Failed key checks allowed per client address within `auth_failure_window` before the
+    /// address gets 429 for the rest of the window; 0 turns the brake off.
+    pub max_auth_failures: u32,
+    /// The window of `max_auth_failures`.
+    #[serde(with = "humantime_serde")]
+    pub auth_failure_window: Duration,
 }
 
 impl Default for Limits {
@@ -329,6 +355,8 @@ impl Default for Limits {
             max_body_bytes: 16 * 1024 * 1024,
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
+            max_auth_failures: 100,
+            auth_failure_window: Duration::from_secs(60),
         }
     }
 }
@@ -568,6 +596,21 @@ impl Config {
         if !(1..=1_000_000).contains(&l.max_connections) {
             problems.push("limits.max_connections: must be between 1 and 1000000".to_owned());
         }
+        positive(
+            &mut problems,
+            "limits.auth_failure_window",
+            l.auth_failure_window,
+        );
+        if let Some(r) = &self.rate_limits {
+            let config = crate::limits::RateLimitConfig {
+                requests_per_second: r.requests_per_second,
+                burst: r.burst,
+            };
+            problems.extend(config.problems());
+            if r.max_subjects == 0 {
+                problems.push("rate_limits.max_subjects: must be at least 1".to_owned());
+            }
+        }
         let t = &self.timeouts;
         for (name, d) in [
             ("timeouts.client_header", t.client_header),
@@ -762,6 +805,9 @@ base_models = ["demo/echo"]
 endpoints = ["builtin:echo"]
 [limits]
 max_body_bytes = 1024
+[rate_limits]
+requests_per_second = 2.5
+burst = 5
 [timeouts]
 upstream_idle = "2m 30s"
 "#,
@@ -778,6 +824,16 @@ upstream_idle = "2m 30s"
             StateSource::File(PathBuf::from("/srv/d.json"))
         );
         assert_eq!(c.timeouts.upstream_idle, Duration::from_secs(150));
+        let r = c.rate_limits.unwrap();
+        assert_eq!((r.requests_per_second, r.burst), (2.5, 5));
+        assert!(parse("").unwrap().rate_limits.is_none());
+        let e = parse("[rate_limits]\nrequests_per_second = 0\nburst = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("rate_limits.requests_per_second") && e.contains("rate_limits.burst"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -81,6 +81,10 @@ pub enum EdgeError {
     UpstreamFailed,
     /// A stream went silent for longer than `timeouts.upstream_idle`.
     UpstreamIdle,
+    /// The key's (or public deployment's) token bucket is empty.
+    RateLimited(crate::limits::Quota),
+    /// Too many failed key checks from this client address; blocked for the given time.
+    AuthBlocked(std::time::Duration),
 }
 
 /// What one variant renders to; all static so the error path allocates nothing but the headers map.
@@ -259,6 +263,24 @@ impl EdgeError {
                     "upstream_error"
                 ),
             ),
+            RateLimited(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                envelope!(
+                    "Rate limit reached for this key. Retry after the time in retry-after.",
+                    "invalid_request_error",
+                    "rate_limit_exceeded"
+                ),
+            ),
+            AuthBlocked(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                envelope!(
+                    "Too many requests with invalid API keys from this address. Retry later.",
+                    "invalid_request_error",
+                    "rate_limit_exceeded"
+                ),
+            ),
             UpstreamIdle => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
@@ -320,8 +342,17 @@ impl EdgeError {
         if self.final_for_client() {
             h.insert(&headers::X_SHOULD_RETRY, HeaderValue::from_static("false"));
         }
-        if let EdgeError::MethodNotAllowed(allow) = self {
-            h.insert(ALLOW, HeaderValue::from_static(allow));
+        match self {
+            EdgeError::MethodNotAllowed(allow) => {
+                h.insert(ALLOW, HeaderValue::from_static(allow));
+            }
+            EdgeError::RateLimited(quota) => quota.apply(true, h),
+            EdgeError::AuthBlocked(left) => {
+                let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
+                h.insert(RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
+                h.insert(&headers::RETRY_AFTER_MS, HeaderValue::from(ms));
+            }
+            _ => {}
         }
         response
     }
@@ -352,7 +383,7 @@ mod tests {
     use http_body_util::Full;
     use serde_json::Value;
 
-    const ALL: [EdgeError; 14] = [
+    const ALL: [EdgeError; 16] = [
         EdgeError::DeploymentNotFound,
         EdgeError::MisdirectedRequest,
         EdgeError::MissingApiKey,
@@ -367,6 +398,12 @@ mod tests {
         EdgeError::UpstreamTimeout,
         EdgeError::UpstreamFailed,
         EdgeError::UpstreamIdle,
+        EdgeError::RateLimited(crate::limits::Quota {
+            limit: 10,
+            remaining: 0,
+            reset: std::time::Duration::from_millis(1500),
+        }),
+        EdgeError::AuthBlocked(std::time::Duration::from_secs(30)),
     ];
 
     fn envelope_of(err: EdgeError) -> Value {
@@ -375,7 +412,7 @@ mod tests {
 
     #[test]
     fn statuses_and_codes_follow_the_spec() {
-        let expected: [(u16, &str); 14] = [
+        let expected: [(u16, &str); 16] = [
             (404, "deployment_not_found"),
             (421, "misdirected_request"),
             (401, "missing_api_key"),
@@ -390,6 +427,8 @@ mod tests {
             (504, "upstream_timeout"),
             (502, "upstream_error"),
             (504, "upstream_timeout"),
+            (429, "rate_limit_exceeded"),
+            (429, "rate_limit_exceeded"),
         ];
         for (err, (status, code)) in ALL.iter().zip(expected) {
             assert_eq!(err.status().as_u16(), status, "{err:?}");
@@ -441,6 +480,12 @@ mod tests {
             assert_eq!(r.headers()["x-should-retry"], "false", "{err:?}");
             assert!(r.headers().get("retry-after").is_none());
         }
+        let r: Response<Full<Bytes>> = ALL[14].into_response();
+        assert_eq!(r.headers()["retry-after"], "2");
+        assert_eq!(r.headers()["retry-after-ms"], "1500");
+        assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
+        let r: Response<Full<Bytes>> = ALL[15].into_response();
+        assert_eq!(r.headers()["retry-after"], "30");
         let r: Response<Full<Bytes>> = EdgeError::UpstreamTimeout.into_response();
         assert!(r.headers().get("x-should-retry").is_none());
         let r: Response<Full<Bytes>> = EdgeError::MethodNotAllowed("GET, OPTIONS").into_response();

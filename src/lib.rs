@@ -203,6 +203,31 @@ pub async fn start(config: Config) -> Result<Running, String> {
         }
     };
 
+    let rate = config.rate_limits.as_ref().map(|r| {
+        let limits = limits::RateLimitConfig {
+            requests_per_second: r.requests_per_second,
+            burst: r.burst,
+        };
+        Arc::new(limits::RateLimiter::new(limits, r.max_subjects))
+    });
+    let auth_failures = (config.limits.max_auth_failures > 0).then(|| {
+        let brake = limits::AuthFailureConfig {
+            max_failures: config.limits.max_auth_failures,
+            window: config.limits.auth_failure_window,
+        };
+        Arc::new(limits::AuthFailures::new(
+            brake,
+            limits::DEFAULT_MAX_ADDRESSES,
+        ))
+    });
+    if rate.is_some() || auth_failures.is_some() {
+        tasks.spawn(limits::sweep_loop(
+            rate.clone(),
+            auth_failures.clone(),
+            limits::SWEEP_INTERVAL,
+            shutdown.clone(),
+        ));
+    }
     let t = &config.timeouts;
     let edge = Arc::new(Edge {
         registry: Arc::clone(&registry),
@@ -212,6 +237,8 @@ pub async fn start(config: Config) -> Result<Running, String> {
         client_body: t.client_body,
         usage,
         access_log: config.log.access,
+        rate,
+        auth_failures,
     });
     let limits = ServerLimits {
         max_connections: config.limits.max_connections,

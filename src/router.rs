@@ -15,6 +15,7 @@ use crate::auth;
 use crate::error::{EdgeError, Source};
 use crate::headers::{self as h};
 use crate::host::Slug;
+use crate::limits::{AuthFailures, Decision, RateLimiter};
 use crate::proxy::{self, Upstreams};
 use crate::registry::{ApiKey, AuthMode, Deployment, Registry};
 use crate::stream::{EdgeBody, read_request_body};
@@ -79,19 +80,27 @@ pub struct Edge {
     pub usage: Arc<UsageSink>,
     /// Whether each request gets an access log line.
     pub access_log: bool,
+    /// Token buckets per key (per deployment without keys), when `[rate_limits]` is set.
+    pub rate: Option<Arc<RateLimiter>>,
+    /// Failed key checks per client address, when `limits.max_auth_failures` is not 0.
+    pub auth_failures: Option<Arc<AuthFailures>>,
 }
 
 /// Per-connection facts the pipeline needs.
 #[derive(Clone)]
 pub struct ConnInfo {
+    /// The client's address (the TCP peer).
+    pub peer_ip: std::net::IpAddr,
     /// The client's IP, as sent upstream in `x-forwarded-for`.
     pub client_ip: HeaderValue,
     /// The TLS server name the client asked for (normalised), on TLS connections that sent one.
     pub sni: Option<Arc<str>>,
 }
 
-static EXPOSE_HEADERS: HeaderValue =
-    HeaderValue::from_static("x-request-id, retry-after, retry-after-ms, x-should-retry");
+static EXPOSE_HEADERS: HeaderValue = HeaderValue::from_static(
+    "x-request-id, retry-after, retry-after-ms, x-should-retry, x-ratelimit-limit-requests, \
+     x-ratelimit-remaining-requests, x-ratelimit-reset-requests",
+);
 
 /// Serves one request; never fails (errors become OpenAI error responses).
 pub async fn handle(edge: &Edge, conn: &ConnInfo, req: Request<Incoming>) -> Response<EdgeBody> {
@@ -117,6 +126,9 @@ pub async fn handle(edge: &Edge, conn: &ConnInfo, req: Request<Incoming>) -> Res
         access.code = "upstream";
     }
     let headers = response.headers_mut();
+    if let Some(quota) = access.quota {
+        quota.apply(false, headers);
+    }
     headers.insert(&h::X_REQUEST_ID, request_id);
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
@@ -160,12 +172,23 @@ async fn serve(
 
     // 3. Key.
     let key = match deployment.auth_mode {
-        AuthMode::FixedApiKey => Some(authenticate(&edge.registry, &deployment, &req, access)?),
+        AuthMode::FixedApiKey => Some(checked_key(edge, conn, &deployment, &req, access)?),
         AuthMode::None => None,
     };
 
     // 4. Route.
-    match route(req.method(), req.uri().path())? {
+    let action = route(req.method(), req.uri().path())?;
+
+    // 5. Rate limit, per key (per deployment when it has none).
+    if let Some(rate) = &edge.rate {
+        let subject = key.as_ref().map_or(&deployment.id, |k| &k.id);
+        match rate.check(subject, tokio::time::Instant::now()) {
+            Decision::Allowed(quota) => access.quota = Some(quota),
+            Decision::Limited(quota) => return Err(EdgeError::RateLimited(quota)),
+        }
+    }
+
+    match action {
         Action::Models => Ok(json(deployment.models_body.clone())),
         Action::Proxy(path) => {
             // Every proxied request counts for usage, whatever its outcome.
@@ -200,6 +223,28 @@ fn same_host(host: &[u8], sni: &str) -> bool {
     };
     let name = name.strip_suffix(b".").unwrap_or(name);
     name.eq_ignore_ascii_case(sni.as_bytes())
+}
+
+/// The key check with its brake: an address with too many recent failures is refused before
+/// its key is even hashed, and every invalid key counts against its address.
+fn checked_key(
+    edge: &Edge,
+    conn: &ConnInfo,
+    deployment: &Deployment,
+    req: &Request<Incoming>,
+    access: &mut Access,
+) -> Result<Arc<ApiKey>, EdgeError> {
+    let now = tokio::time::Instant::now();
+    if let Some(failures) = &edge.auth_failures {
+        if let Some(left) = failures.is_blocked(conn.peer_ip, now) {
+            return Err(EdgeError::AuthBlocked(left));
+        }
+    }
+    let checked = authenticate(&edge.registry, deployment, req, access);
+    if let (Err(EdgeError::InvalidApiKey), Some(failures)) = (&checked, &edge.auth_failures) {
+        failures.record_failure(conn.peer_ip, now);
+    }
+    checked
 }
 
 /// The key must hash to a live key of this very deployment.

@@ -224,6 +224,7 @@ impl Conn {
             slot,
         } = self;
         let info = ConnInfo {
+            peer_ip: peer.ip(),
             client_ip: HeaderValue::from_str(&peer.ip().to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             sni,
