@@ -325,10 +325,53 @@ pub struct PoolConfig {
     /// `llamacpp` only: target id → adapter id (load order of `--lora`).
     #[serde(default)]
     pub adapters: std::collections::BTreeMap<String, u32>,
+    /// The backend's own credential, sent as `Authorization: Bearer …` (or `api_key_file`,
+    /// or `api_key_env`).
+    #[serde(default)]
+    pub api_key: Option<String>,
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Idle connections kept per endpoint.
+    #[serde(default = "default_max_idle")]
+    pub max_idle_per_endpoint: usize,
+    /// How long an idle backend connection is kept.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Adapter affinity: an endpoint above `load_factor` × the pool's mean in-flight requests
+    /// is skipped for an adapter's next request.
+    #[serde(default = "default_load_factor")]
+    pub load_factor: f64,
+    /// Active health check: `GET <endpoint><health_path>` every `health_interval`; 2xx is
+    /// healthy. Off unless set.
+    #[serde(default)]
+    pub health_path: Option<String>,
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// The resolved backend credential.
+    #[serde(skip)]
+    pub secret: Option<Secret>,
 }
 
 fn default_retries() -> u32 {
     2
+}
+
+fn default_max_idle() -> usize {
+    256
+}
+
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(90)
+}
+
+fn default_load_factor() -> f64 {
+    1.25
+}
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// `[limits]`.
@@ -560,6 +603,7 @@ impl Config {
         let a = &self.admin;
         match resolve_secret(
             "admin",
+            "token",
             &a.token,
             &a.token_file,
             &a.token_env,
@@ -655,6 +699,7 @@ impl Config {
         }
         match resolve_secret(
             "control_plane",
+            "token",
             &cp.token,
             &cp.token_file,
             &cp.token_env,
@@ -665,7 +710,33 @@ impl Config {
         }
     }
 
-    fn validate_pools(&self, problems: &mut Vec<String>) {
+    fn validate_pools(&mut self, problems: &mut Vec<String>) {
+        let base_dir = self.base_dir.clone();
+        for (i, pool) in self.pools.iter_mut().enumerate() {
+            let at = format!("pools[{i}]");
+            match resolve_secret(&at, "api_key", &pool.api_key, &pool.api_key_file, &pool.api_key_env, &base_dir) {
+                Ok(secret) => pool.secret = secret,
+                Err(e) => problems.push(e),
+            }
+            if !(1.0..=100.0).contains(&pool.load_factor) {
+                problems.push(format!("{at}.load_factor: must be between 1 and 100"));
+            }
+            if pool.idle_timeout.is_zero() || pool.health_interval.is_zero() {
+                problems.push(format!("{at}: idle_timeout and health_interval must be longer than zero"));
+            }
+            if pool.max_idle_per_endpoint > 100_000 {
+                problems.push(format!("{at}.max_idle_per_endpoint: at most 100000"));
+            }
+            if let Some(path) = &pool.health_path {
+                if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
+                    problems.push(format!("{at}.health_path: {path:?} is not a path like \"/health\""));
+                }
+            }
+        }
+        self.check_pools(problems);
+    }
+
+    fn check_pools(&self, problems: &mut Vec<String>) {
         let mut names = HashSet::new();
         let mut models = HashSet::new();
         for (i, pool) in self.pools.iter().enumerate() {
@@ -716,6 +787,7 @@ impl Config {
 /// and `token_env`.
 fn resolve_secret(
     table: &str,
+    field: &str,
     token: &Option<String>,
     file: &Option<PathBuf>,
     env: &Option<String>,
@@ -731,7 +803,7 @@ fn resolve_secret(
                 base_dir.join(f)
             };
             std::fs::read_to_string(&path)
-                .map_err(|e| format!("{table}.token_file: {}: {e}", path.display()))?
+                .map_err(|e| format!("{table}.{field}_file: {}: {e}", path.display()))?
                 .trim()
                 .to_owned()
         }
@@ -740,13 +812,13 @@ fn resolve_secret(
         }
         _ => {
             return Err(format!(
-                "{table}: set only one of token, token_file and token_env"
+                "{table}: set only one of {field}, {field}_file and {field}_env"
             ));
         }
     };
     if value.is_empty() || value.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
         return Err(format!(
-            "{table}.token: must be non-empty visible ASCII without spaces"
+            "{table}.{field}: must be non-empty visible ASCII without spaces"
         ));
     }
     Ok(Some(Secret(value.into())))

@@ -94,7 +94,10 @@ impl Running {
 /// with `/readyz` at 503) while the pull loop keeps trying.
 pub async fn start(config: Config) -> Result<Running, String> {
     let metrics = metrics::handle();
-    let pools = Arc::new(Pools::from_config(&config.pools)?);
+    let pools = Arc::new(Pools::from_config(
+        &config.pools,
+        config.timeouts.upstream_connect,
+    )?);
     let registry = Arc::new(Registry::new(pools));
     let status = Arc::new(SyncStatus::default());
     let shutdown = CancellationToken::new();
@@ -231,7 +234,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let t = &config.timeouts;
     let edge = Arc::new(Edge {
         registry: Arc::clone(&registry),
-        upstreams: Upstreams::new(t.upstream_connect, t.upstream_first_byte, t.upstream_idle),
+        upstreams: Upstreams::new(t.upstream_first_byte, t.upstream_idle),
         base_domains: config.normalised_base_domains(),
         max_body_bytes: config.limits.max_body_bytes,
         client_body: t.client_body,

@@ -5,6 +5,7 @@
 //! receives the same request twice; every other failure is final. The whole wait for a response
 //! head is bounded by `timeouts.upstream_first_byte`.
 
+pub mod client;
 pub mod echo;
 pub mod pin;
 pub mod pool;
@@ -15,9 +16,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
 use crate::error::EdgeError;
@@ -26,11 +24,6 @@ use crate::stream::{ChunksBody, EdgeBody, Passthrough, UpstreamBody, UsageScan};
 use crate::usage::scan::{JsonUsageScan, SseUsageScan};
 use pin::Pinned;
 use pool::{Endpoint, EndpointSpec, Pool};
-
-/// Most idle connections kept per backend endpoint.
-pub const MAX_IDLE_PER_ENDPOINT: usize = 256;
-/// How long an idle backend connection is kept.
-pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Client headers the edge never forwards upstream (besides hop-by-hop ones): credentials and
 /// cookies, framing and encodings the edge sets itself, and forwarding headers it rewrites.
@@ -50,34 +43,17 @@ static NOT_FORWARDED: [HeaderName; 13] = [
     HeaderName::from_static("x-real-ip"),
 ];
 
-/// Pooled clients to the backends.
+/// Sends requests to the pools' backends, with the first-byte and idle timeouts.
 pub struct Upstreams {
-    h1: Client<HttpConnector, ChunksBody>,
-    h2c: Client<HttpConnector, ChunksBody>,
     first_byte: Duration,
     idle: Duration,
 }
 
 impl Upstreams {
-    /// Clients with the configured connect, first-byte and idle timeouts.
-    pub fn new(connect: Duration, first_byte: Duration, idle: Duration) -> Upstreams {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect));
-        connector.set_nodelay(true);
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(IDLE_CONNECTION_TIMEOUT)
-            .pool_max_idle_per_host(MAX_IDLE_PER_ENDPOINT);
-        let h1 = builder.build(connector.clone());
-        let h2c = builder.http2_only(true).build(connector);
-        Upstreams {
-            h1,
-            h2c,
-            first_byte,
-            idle,
-        }
+    /// Upstream calls bounded by `first_byte` (to the response head) and `idle` (silence
+    /// inside a body).
+    pub fn new(first_byte: Duration, idle: Duration) -> Upstreams {
+        Upstreams { first_byte, idle }
     }
 
     /// Sends a pinned body to the pool, trying further endpoints only while no request byte has
@@ -98,14 +74,16 @@ impl Upstreams {
                     let r = echo::respond(&whole, *word_delay);
                     return Ok((r.map(UpstreamBody::Echo), endpoint));
                 }
-                EndpointSpec::Http { h2c: true, .. } => &self.h2c,
-                EndpointSpec::Http { h2c: false, .. } => &self.h1,
+                EndpointSpec::Http { h2c, .. } => pool.client.for_h2c(*h2c),
             };
             let uri = endpoint.uri(path).ok_or(EdgeError::UpstreamUnavailable)?;
             let mut req = Request::new(ChunksBody::new(Arc::clone(&chunks), body.len));
             *req.method_mut() = Method::POST;
             *req.uri_mut() = uri;
             *req.headers_mut() = headers.clone();
+            if let Some(auth) = &pool.authorization {
+                req.headers_mut().insert(header::AUTHORIZATION, auth.clone());
+            }
             match tokio::time::timeout_at(deadline, client.request(req)).await {
                 Ok(Ok(response)) => return Ok((response.map(UpstreamBody::Remote), endpoint)),
                 Ok(Err(e)) if e.is_connect() => {

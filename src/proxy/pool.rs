@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::config::PoolConfig;
 use crate::error::EdgeError;
+use crate::proxy::client::PoolClient;
 
 /// How a pool's servers select a model or adapter, and so which body members the edge owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -140,6 +141,10 @@ pub struct Pool {
     pub flavor: Flavor,
     /// llama.cpp adapter ids by target id.
     pub adapters: BTreeMap<String, u32>,
+    /// Keep-alive connections to the endpoints.
+    pub client: PoolClient,
+    /// `Authorization` sent to the backends (the pool's own credential), if configured.
+    pub authorization: Option<http::HeaderValue>,
     next: AtomicUsize,
 }
 
@@ -189,8 +194,8 @@ pub struct Pools {
 }
 
 impl Pools {
-    /// Builds pools from validated config.
-    pub fn from_config(pools: &[PoolConfig]) -> Result<Pools, String> {
+    /// Builds pools from validated config; `connect` bounds every backend connect.
+    pub fn from_config(pools: &[PoolConfig], connect: Duration) -> Result<Pools, String> {
         let mut by_model = HashMap::new();
         for p in pools {
             let endpoints = p
@@ -204,12 +209,23 @@ impl Pools {
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("pool {}: {e}", p.name))?;
+            let authorization = match &p.secret {
+                None => None,
+                Some(secret) => {
+                    let mut v = http::HeaderValue::try_from(format!("Bearer {}", secret.expose()))
+                        .map_err(|_| format!("pool {}: api_key is not a header value", p.name))?;
+                    v.set_sensitive(true);
+                    Some(v)
+                }
+            };
             let pool = Arc::new(Pool {
                 name: p.name.as_str().into(),
                 endpoints,
                 retries: p.retries,
                 flavor: p.flavor,
                 adapters: p.adapters.clone(),
+                client: PoolClient::new(connect, p.max_idle_per_endpoint, p.idle_timeout),
+                authorization,
                 next: AtomicUsize::new(0),
             });
             for m in &p.base_models {
@@ -278,6 +294,8 @@ mod tests {
             retries,
             flavor,
             adapters: BTreeMap::from([("job-a".to_owned(), 0), ("job-b:step-5".to_owned(), 1)]),
+            client: PoolClient::new(Duration::from_secs(1), 1, Duration::from_secs(1)),
+            authorization: None,
             next: AtomicUsize::new(0),
         }
     }
