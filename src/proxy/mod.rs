@@ -5,6 +5,7 @@
 //! receives the same request twice; every other failure is final. The whole wait for a response
 //! head is bounded by `timeouts.upstream_first_byte`.
 
+pub mod balance;
 pub mod client;
 pub mod echo;
 pub mod pin;
