@@ -349,6 +349,12 @@ pub struct PoolConfig {
     pub health_path: Option<String>,
     #[serde(default = "default_health_interval", with = "humantime_serde")]
     pub health_interval: Duration,
+    /// Consecutive failures (connect failures, 5xx, failed health checks) that eject an endpoint.
+    #[serde(default = "default_eject_after")]
+    pub eject_after: u32,
+    /// How long a first ejection lasts; each ejection in a row doubles it, up to 5 minutes.
+    #[serde(default = "default_ejection_time", with = "humantime_serde")]
+    pub ejection_time: Duration,
     /// The resolved backend credential.
     #[serde(skip)]
     pub secret: Option<Secret>,
@@ -371,6 +377,14 @@ fn default_load_factor() -> f64 {
 }
 
 fn default_health_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_eject_after() -> u32 {
+    5
+}
+
+fn default_ejection_time() -> Duration {
     Duration::from_secs(10)
 }
 
@@ -721,8 +735,13 @@ impl Config {
             if !(1.0..=100.0).contains(&pool.load_factor) {
                 problems.push(format!("{at}.load_factor: must be between 1 and 100"));
             }
-            if pool.idle_timeout.is_zero() || pool.health_interval.is_zero() {
-                problems.push(format!("{at}: idle_timeout and health_interval must be longer than zero"));
+            if pool.idle_timeout.is_zero() || pool.health_interval.is_zero() || pool.ejection_time.is_zero() {
+                problems.push(format!(
+                    "{at}: idle_timeout, health_interval and ejection_time must be longer than zero"
+                ));
+            }
+            if pool.eject_after == 0 {
+                problems.push(format!("{at}.eject_after: must be at least 1"));
             }
             if pool.max_idle_per_endpoint > 100_000 {
                 problems.push(format!("{at}.max_idle_per_endpoint: at most 100000"));

@@ -35,6 +35,21 @@ pub const USAGE_TOKENS: &str = "arkor_edge_usage_tokens_total";
 /// Usage reports posted, by `result` (`ok`, `failed`, `dropped`).
 pub const USAGE_REPORTS: &str = "arkor_edge_usage_reports_total";
 
+/// Per pool and endpoint (endpoints are few, so these labels are bounded): requests in flight.
+pub const ENDPOINT_IN_FLIGHT: &str = "arkor_edge_endpoint_in_flight";
+/// Attempts sent to an endpoint.
+pub const ENDPOINT_PICKS: &str = "arkor_edge_endpoint_picks_total";
+/// Times an endpoint was ejected for consecutive failures.
+pub const ENDPOINT_EJECTIONS: &str = "arkor_edge_endpoint_ejections_total";
+/// Time to the response head, per endpoint, seconds.
+pub const ENDPOINT_TTFB: &str = "arkor_edge_endpoint_ttfb_seconds";
+/// Gaps between consecutive body chunks of a response, per endpoint, seconds.
+pub const ENDPOINT_CHUNK_GAP: &str = "arkor_edge_endpoint_chunk_gap_seconds";
+/// Retries per pool.
+pub const POOL_RETRIES: &str = "arkor_edge_pool_retries_total";
+/// Retries refused because the pool's retry budget was spent.
+pub const POOL_BUDGET_EXHAUSTED: &str = "arkor_edge_pool_retry_budget_exhausted_total";
+
 /// The process-wide Prometheus recorder (installed on first use; later calls share it).
 pub fn handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

@@ -280,15 +280,16 @@ async fn forward(
     let strip_usage = pinned.strip_usage;
     let headers = proxy::request_headers(parts.headers, request_id, &conn.client_ip);
     let sent = tokio::time::Instant::now();
-    let (response, endpoint) = edge
+    let affinity = upstream.affinity.as_deref();
+    let reply = edge
         .upstreams
-        .send(&upstream.pool, path, headers, pinned)
+        .send(&upstream.pool, affinity, path, headers, pinned)
         .await?;
     let ttfb = sent.elapsed();
     metrics::histogram!(crate::metrics::UPSTREAM_TTFB).record(ttfb.as_secs_f64());
     access.ttfb = Some(ttfb);
-    access.endpoint = Some(Arc::clone(&endpoint.label));
-    Ok(edge.upstreams.client_response(response, strip_usage))
+    access.endpoint = Some(Arc::clone(&reply.endpoint.label));
+    Ok(edge.upstreams.client_response(reply.response, reply.guard, strip_usage))
 }
 
 fn json(body: bytes::Bytes) -> Response<EdgeBody> {

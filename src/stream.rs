@@ -189,13 +189,21 @@ pin_project! {
         // Parts of the last frame still to send (only when the event-stream scan cut something).
         pending: Option<Forward>,
         failure: Option<EdgeError>,
+        // Keeps the request counted on its endpoint; records the gaps between chunks.
+        endpoint: Option<crate::proxy::InFlight>,
     }
 }
 
 impl Passthrough {
     /// Wraps a backend body; `sse` says whether it is an event stream (failures then end with an
     /// error event instead of a broken connection).
-    pub fn new(body: UpstreamBody, idle_for: Duration, sse: bool, scan: UsageScan) -> Passthrough {
+    pub fn new(
+        body: UpstreamBody,
+        idle_for: Duration,
+        sse: bool,
+        scan: UsageScan,
+        endpoint: Option<crate::proxy::InFlight>,
+    ) -> Passthrough {
         Passthrough {
             body,
             idle: tokio::time::sleep(idle_for),
@@ -206,6 +214,7 @@ impl Passthrough {
             scan,
             pending: None,
             failure: None,
+            endpoint,
         }
     }
 
@@ -238,7 +247,12 @@ impl Body for Passthrough {
                 Phase::Done => return Poll::Ready(None),
                 Phase::Streaming => match this.body.poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
-                        *this.last_frame = Instant::now();
+                        let now = Instant::now();
+                        if let Some(e) = this.endpoint.as_ref() {
+                            e.chunk_gap
+                                .record(now.duration_since(*this.last_frame).as_secs_f64());
+                        }
+                        *this.last_frame = now;
                         let frame = match frame.into_data() {
                             Ok(data) => data,
                             Err(other) => return Poll::Ready(Some(Ok(other))),
@@ -451,6 +465,7 @@ mod tests {
             Duration::from_secs(5),
             true,
             UsageScan::None,
+            None,
         )));
         let mut frames = Vec::new();
         while let Some(f) = pass.frame().await {
@@ -473,6 +488,7 @@ mod tests {
             Duration::from_secs(5),
             false,
             UsageScan::None,
+            None,
         ));
         assert!(pinned.frame().await.unwrap().is_ok());
         assert!(pinned.frame().await.unwrap().is_ok());

@@ -17,14 +17,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response};
-use tokio::time::Instant;
-
 use crate::error::EdgeError;
 use crate::headers::{self as h, strip_hop_by_hop};
 use crate::stream::{ChunksBody, EdgeBody, Passthrough, UpstreamBody, UsageScan};
 use crate::usage::scan::{JsonUsageScan, SseUsageScan};
 use pin::Pinned;
 use pool::{Endpoint, EndpointSpec, Pool};
+use tokio::time::Instant;
 
 /// Client headers the edge never forwards upstream (besides hop-by-hop ones): credentials and
 /// cookies, framing and encodings the edge sets itself, and forwarding headers it rewrites.
@@ -44,6 +43,53 @@ static NOT_FORWARDED: [HeaderName; 13] = [
     HeaderName::from_static("x-real-ip"),
 ];
 
+/// How one attempt ended.
+enum Attempt {
+    /// A response head arrived.
+    Answered(Response<UpstreamBody>),
+    /// The connection could not be made: nothing was sent, another endpoint may be tried.
+    NotSent,
+    /// The request may have reached the backend, and then the connection failed.
+    Failed,
+    /// No response head before the deadline.
+    TimedOut,
+}
+
+/// A response head from a backend, with where it came from.
+pub struct Sent<'p> {
+    pub response: Response<UpstreamBody>,
+    pub endpoint: &'p Endpoint,
+    /// Keeps the request counted on its endpoint until the exchange ends.
+    pub guard: InFlight,
+}
+
+/// A request in flight on a pool endpoint: counted by the balancer and the endpoint's gauge
+/// until dropped (the router keeps it with the response body).
+pub struct InFlight {
+    _balancer: balance::InFlight,
+    gauge: metrics::Gauge,
+    /// The endpoint's chunk-gap histogram, for the body pass-through.
+    pub chunk_gap: metrics::Histogram,
+}
+
+impl InFlight {
+    fn start(pool: &Pool, index: usize) -> InFlight {
+        let m = &pool.endpoints[index].metrics;
+        m.in_flight.increment(1.0);
+        InFlight {
+            _balancer: pool.balancer.start(index),
+            gauge: m.in_flight.clone(),
+            chunk_gap: m.chunk_gap.clone(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+    }
+}
+
 /// Sends requests to the pools' backends, with the first-byte and idle timeouts.
 pub struct Upstreams {
     first_byte: Duration,
@@ -57,47 +103,120 @@ impl Upstreams {
         Upstreams { first_byte, idle }
     }
 
-    /// Sends a pinned body to the pool, trying further endpoints only while no request byte has
-    /// reached a backend. Returns the response (head received) and the endpoint that gave it.
+    /// Sends a pinned body to the pool. The balancer picks each attempt's endpoint (sticky for
+    /// `affinity`, an adapter's target id); a further endpoint is tried only while no request
+    /// byte has reached a backend (connect refused or failed), at most `retries` times and within
+    /// the pool's retry budget. Returns the response (head received), the endpoint, and the
+    /// guard that keeps the request counted on that endpoint until the exchange ends.
     pub async fn send<'p>(
         &self,
         pool: &'p Pool,
+        affinity: Option<&str>,
         path: &'static str,
         headers: HeaderMap,
         body: Pinned,
-    ) -> Result<(Response<UpstreamBody>, &'p Endpoint), EdgeError> {
+    ) -> Result<Sent<'p>, EdgeError> {
         let deadline = Instant::now() + self.first_byte;
         let chunks: Arc<[Bytes]> = body.chunks.into();
-        for endpoint in pool.attempts() {
-            let client = match &endpoint.spec {
-                EndpointSpec::Echo { word_delay } => {
-                    let whole = chunks.concat();
-                    let r = echo::respond(&whole, *word_delay);
-                    return Ok((r.map(UpstreamBody::Echo), endpoint));
+        pool.budget.deposit(Instant::now());
+        // Retries are at most 10 (config), so the tried set fits on the stack.
+        let mut tried = [0usize; 11];
+        let mut attempts = 0usize;
+        loop {
+            let now = Instant::now();
+            let index = pool
+                .balancer
+                .pick(affinity, &tried[..attempts], now)
+                .ok_or(EdgeError::UpstreamUnavailable)?;
+            tried[attempts] = index;
+            attempts += 1;
+            let endpoint = &pool.endpoints[index];
+            let guard = InFlight::start(pool, index);
+            endpoint.metrics.picks.increment(1);
+            let outcome = self.attempt(pool, endpoint, path, &headers, &chunks, body.len, deadline).await;
+            match outcome {
+                Attempt::Answered(response) => {
+                    let ttfb = now.elapsed();
+                    pool.balancer.observe_latency(index, ttfb, Instant::now());
+                    endpoint.metrics.ttfb.record(ttfb.as_secs_f64());
+                    if response.status().is_server_error() {
+                        self.failed(pool, index, Instant::now());
+                    } else {
+                        pool.balancer.success(index);
+                    }
+                    return Ok(Sent { response, endpoint, guard });
                 }
-                EndpointSpec::Http { h2c, .. } => pool.client.for_h2c(*h2c),
-            };
-            let uri = endpoint.uri(path).ok_or(EdgeError::UpstreamUnavailable)?;
-            let mut req = Request::new(ChunksBody::new(Arc::clone(&chunks), body.len));
-            *req.method_mut() = Method::POST;
-            *req.uri_mut() = uri;
-            *req.headers_mut() = headers.clone();
-            if let Some(auth) = &pool.authorization {
-                req.headers_mut().insert(header::AUTHORIZATION, auth.clone());
-            }
-            match tokio::time::timeout_at(deadline, client.request(req)).await {
-                Ok(Ok(response)) => return Ok((response.map(UpstreamBody::Remote), endpoint)),
-                Ok(Err(e)) if e.is_connect() => {
-                    tracing::warn!(pool = %pool.name, endpoint = %endpoint.label, "upstream connect failed: {e}");
+                Attempt::NotSent => {
+                    self.failed(pool, index, Instant::now());
+                    let more = attempts <= pool.retries as usize && attempts < pool.endpoints.len();
+                    if !more {
+                        return Err(EdgeError::UpstreamUnavailable);
+                    }
+                    if !pool.budget.withdraw(Instant::now()) {
+                        pool.metrics.budget_exhausted.increment(1);
+                        return Err(EdgeError::UpstreamUnavailable);
+                    }
+                    pool.metrics.retries.increment(1);
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(pool = %pool.name, endpoint = %endpoint.label, "upstream request failed: {e}");
+                Attempt::Failed => {
+                    self.failed(pool, index, Instant::now());
                     return Err(EdgeError::UpstreamFailed);
                 }
-                Err(_) => return Err(EdgeError::UpstreamTimeout),
+                Attempt::TimedOut => return Err(EdgeError::UpstreamTimeout),
             }
         }
-        Err(EdgeError::UpstreamUnavailable)
+    }
+
+    /// One attempt on one endpoint.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        pool: &Pool,
+        endpoint: &Endpoint,
+        path: &'static str,
+        headers: &HeaderMap,
+        chunks: &Arc<[Bytes]>,
+        len: usize,
+        deadline: Instant,
+    ) -> Attempt {
+        let client = match &endpoint.spec {
+            EndpointSpec::Echo { word_delay } => {
+                let whole = chunks.concat();
+                let r = echo::respond(&whole, *word_delay);
+                return Attempt::Answered(r.map(UpstreamBody::Echo));
+            }
+            EndpointSpec::Http { h2c, .. } => pool.client.for_h2c(*h2c),
+        };
+        let Some(uri) = endpoint.uri(path) else {
+            return Attempt::NotSent;
+        };
+        let mut req = Request::new(ChunksBody::new(Arc::clone(chunks), len));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers.clone();
+        if let Some(auth) = &pool.authorization {
+            req.headers_mut().insert(header::AUTHORIZATION, auth.clone());
+        }
+        match tokio::time::timeout_at(deadline, client.request(req)).await {
+            Ok(Ok(response)) => Attempt::Answered(response.map(UpstreamBody::Remote)),
+            Ok(Err(e)) if e.is_connect() => {
+                tracing::warn!(pool = %pool.name, endpoint = %endpoint.label, "upstream connect failed: {e}");
+                Attempt::NotSent
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(pool = %pool.name, endpoint = %endpoint.label, "upstream request failed: {e}");
+                Attempt::Failed
+            }
+            Err(_) => Attempt::TimedOut,
+        }
+    }
+
+    fn failed(&self, pool: &Pool, index: usize, now: Instant) {
+        if pool.balancer.failure(index, now) {
+            let endpoint = &pool.endpoints[index];
+            endpoint.metrics.ejections.increment(1);
+            tracing::warn!(pool = %pool.name, endpoint = %endpoint.label, "endpoint ejected after consecutive failures");
+        }
     }
 
     /// The response the client gets from a backend response: hop-by-hop headers dropped, the
@@ -106,6 +225,7 @@ impl Upstreams {
     pub fn client_response(
         &self,
         upstream: Response<UpstreamBody>,
+        guard: InFlight,
         strip_usage: bool,
     ) -> Response<EdgeBody> {
         let (mut parts, body) = upstream.into_parts();
@@ -132,7 +252,7 @@ impl Upstreams {
             parts.headers.remove(header::CONTENT_LENGTH);
             parts.headers.remove(header::CONTENT_ENCODING);
         }
-        let inner = Passthrough::new(body, self.idle, sse, scan);
+        let inner = Passthrough::new(body, self.idle, sse, scan, Some(guard));
         Response::from_parts(parts, EdgeBody::proxied(inner))
     }
 }

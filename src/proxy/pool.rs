@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,6 +11,8 @@ use serde::Deserialize;
 
 use crate::config::PoolConfig;
 use crate::error::EdgeError;
+use crate::metrics as m;
+use crate::proxy::balance::{BalanceConfig, Balancer, RetryBudget};
 use crate::proxy::client::PoolClient;
 
 /// How a pool's servers select a model or adapter, and so which body members the edge owns.
@@ -104,6 +105,38 @@ pub struct Endpoint {
     pub label: Arc<str>,
     /// What it is.
     pub spec: EndpointSpec,
+    /// Metric handles, registered once so the request path only increments them.
+    pub metrics: EndpointMetrics,
+}
+
+/// Per-endpoint metric handles.
+#[derive(Debug, Clone)]
+pub struct EndpointMetrics {
+    pub in_flight: metrics::Gauge,
+    pub picks: metrics::Counter,
+    pub ejections: metrics::Counter,
+    pub ttfb: metrics::Histogram,
+    pub chunk_gap: metrics::Histogram,
+}
+
+impl EndpointMetrics {
+    fn new(pool: &str, endpoint: &str) -> EndpointMetrics {
+        let labels = [("pool", pool.to_owned()), ("endpoint", endpoint.to_owned())];
+        EndpointMetrics {
+            in_flight: metrics::gauge!(m::ENDPOINT_IN_FLIGHT, &labels),
+            picks: metrics::counter!(m::ENDPOINT_PICKS, &labels),
+            ejections: metrics::counter!(m::ENDPOINT_EJECTIONS, &labels),
+            ttfb: metrics::histogram!(m::ENDPOINT_TTFB, &labels),
+            chunk_gap: metrics::histogram!(m::ENDPOINT_CHUNK_GAP, &labels),
+        }
+    }
+}
+
+/// Per-pool metric handles.
+#[derive(Debug, Clone)]
+pub struct PoolMetrics {
+    pub retries: metrics::Counter,
+    pub budget_exhausted: metrics::Counter,
 }
 
 impl Endpoint {
@@ -145,19 +178,25 @@ pub struct Pool {
     pub client: PoolClient,
     /// `Authorization` sent to the backends (the pool's own credential), if configured.
     pub authorization: Option<http::HeaderValue>,
-    next: AtomicUsize,
+    /// Which endpoint gets the next attempt.
+    pub balancer: Arc<Balancer>,
+    /// Bounds retries to a share of requests.
+    pub budget: RetryBudget,
+    /// Active health check path, if configured.
+    pub health_path: Option<String>,
+    /// How often the health check runs.
+    pub health_interval: Duration,
+    pub metrics: PoolMetrics,
 }
 
-impl Pool {
-    /// The endpoints to try for one request, in order: round robin for the first, then the
-    /// following ones for retries (each endpoint at most once).
-    pub fn attempts(&self) -> impl Iterator<Item = &Endpoint> {
-        let n = self.endpoints.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let tries = 1 + (self.retries as usize).min(n.saturating_sub(1));
-        (0..tries).map(move |k| &self.endpoints[(start + k) % n])
-    }
+/// Retries may be at most this share of a pool's requests …
+pub const RETRY_RATIO: f64 = 0.2;
+/// … plus this many per second …
+pub const RETRY_FLOOR_PER_SECOND: u32 = 10;
+/// … over this window.
+pub const RETRY_WINDOW: Duration = Duration::from_secs(10);
 
+impl Pool {
     /// The members the edge writes into the body for `target_id`, e.g. `"model":"job-1"`.
     /// Fails when the pool cannot express the target (a llama.cpp adapter missing from the map).
     pub fn render_members(&self, target_id: &str, is_adapter: bool) -> Result<Bytes, EdgeError> {
@@ -191,12 +230,14 @@ impl Pool {
 #[derive(Debug, Default)]
 pub struct Pools {
     by_model: HashMap<String, Arc<Pool>>,
+    all: Vec<Arc<Pool>>,
 }
 
 impl Pools {
     /// Builds pools from validated config; `connect` bounds every backend connect.
     pub fn from_config(pools: &[PoolConfig], connect: Duration) -> Result<Pools, String> {
         let mut by_model = HashMap::new();
+        let mut all = Vec::new();
         for p in pools {
             let endpoints = p
                 .endpoints
@@ -205,6 +246,7 @@ impl Pools {
                     EndpointSpec::parse(e).map(|spec| Endpoint {
                         label: e.as_str().into(),
                         spec,
+                        metrics: EndpointMetrics::new(&p.name, e),
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -218,21 +260,41 @@ impl Pools {
                     Some(v)
                 }
             };
+            let balance = BalanceConfig {
+                load_factor: p.load_factor,
+                failures_to_eject: p.eject_after,
+                base_ejection: p.ejection_time,
+                ..BalanceConfig::default()
+            };
+            let name = p.name.clone();
             let pool = Arc::new(Pool {
                 name: p.name.as_str().into(),
+                balancer: Arc::new(Balancer::new(endpoints.len(), balance)),
                 endpoints,
                 retries: p.retries,
                 flavor: p.flavor,
                 adapters: p.adapters.clone(),
                 client: PoolClient::new(connect, p.max_idle_per_endpoint, p.idle_timeout),
                 authorization,
-                next: AtomicUsize::new(0),
+                budget: RetryBudget::new(RETRY_RATIO, RETRY_FLOOR_PER_SECOND, RETRY_WINDOW),
+                health_path: p.health_path.clone(),
+                health_interval: p.health_interval,
+                metrics: PoolMetrics {
+                    retries: metrics::counter!(m::POOL_RETRIES, "pool" => name.clone()),
+                    budget_exhausted: metrics::counter!(m::POOL_BUDGET_EXHAUSTED, "pool" => name),
+                },
             });
+            all.push(Arc::clone(&pool));
             for m in &p.base_models {
                 by_model.insert(m.clone(), Arc::clone(&pool));
             }
         }
-        Ok(Pools { by_model })
+        Ok(Pools { by_model, all })
+    }
+
+    /// Every pool, in config order.
+    pub fn all(&self) -> &[Arc<Pool>] {
+        &self.all
     }
 
     /// The pool serving a base model.
@@ -289,6 +351,7 @@ mod tests {
                 .map(|e| Endpoint {
                     label: (*e).into(),
                     spec: EndpointSpec::parse(e).unwrap(),
+                    metrics: EndpointMetrics::new("p", e),
                 })
                 .collect(),
             retries,
@@ -296,28 +359,15 @@ mod tests {
             adapters: BTreeMap::from([("job-a".to_owned(), 0), ("job-b:step-5".to_owned(), 1)]),
             client: PoolClient::new(Duration::from_secs(1), 1, Duration::from_secs(1)),
             authorization: None,
-            next: AtomicUsize::new(0),
+            balancer: Arc::new(Balancer::new(endpoints.len(), BalanceConfig::default())),
+            budget: RetryBudget::new(RETRY_RATIO, RETRY_FLOOR_PER_SECOND, RETRY_WINDOW),
+            health_path: None,
+            health_interval: Duration::from_secs(10),
+            metrics: PoolMetrics {
+                retries: metrics::counter!("test_retries"),
+                budget_exhausted: metrics::counter!("test_exhausted"),
+            },
         }
-    }
-
-    #[test]
-    fn attempts_rotate_and_never_repeat_an_endpoint() {
-        let p = pool(
-            &["http://a:1", "http://b:1", "http://c:1"],
-            2,
-            Flavor::OpenAi,
-        );
-        let labels = |p: &Pool| {
-            p.attempts()
-                .map(|e| e.label.to_string())
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(labels(&p), ["http://a:1", "http://b:1", "http://c:1"]);
-        assert_eq!(labels(&p), ["http://b:1", "http://c:1", "http://a:1"]);
-        let single = pool(&["http://a:1"], 2, Flavor::OpenAi);
-        assert_eq!(labels(&single), ["http://a:1"]);
-        let none = pool(&["http://a:1", "http://b:1"], 0, Flavor::OpenAi);
-        assert_eq!(labels(&none).len(), 1);
     }
 
     #[test]

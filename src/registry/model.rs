@@ -100,6 +100,8 @@ pub struct Upstream {
     pub owned: &'static [&'static str],
     /// The members the edge writes, e.g. `"model":"<target id>"`.
     pub members: Bytes,
+    /// For adapter targets, the target id: requests stick to the endpoints that hold it.
+    pub affinity: Option<Arc<str>>,
 }
 
 /// A deployment, resolved for the request path.
@@ -153,6 +155,7 @@ impl Deployment {
                     pool: Arc::clone(pool),
                     owned: pool.flavor.owned_members(),
                     members,
+                    affinity: is_adapter.then(|| Arc::from(target_id.as_str())),
                 }),
         };
         let models_body = Bytes::from(
