@@ -728,14 +728,24 @@ impl Config {
         let base_dir = self.base_dir.clone();
         for (i, pool) in self.pools.iter_mut().enumerate() {
             let at = format!("pools[{i}]");
-            match resolve_secret(&at, "api_key", &pool.api_key, &pool.api_key_file, &pool.api_key_env, &base_dir) {
+            match resolve_secret(
+                &at,
+                "api_key",
+                &pool.api_key,
+                &pool.api_key_file,
+                &pool.api_key_env,
+                &base_dir,
+            ) {
                 Ok(secret) => pool.secret = secret,
                 Err(e) => problems.push(e),
             }
             if !(1.0..=100.0).contains(&pool.load_factor) {
                 problems.push(format!("{at}.load_factor: must be between 1 and 100"));
             }
-            if pool.idle_timeout.is_zero() || pool.health_interval.is_zero() || pool.ejection_time.is_zero() {
+            if pool.idle_timeout.is_zero()
+                || pool.health_interval.is_zero()
+                || pool.ejection_time.is_zero()
+            {
                 problems.push(format!(
                     "{at}: idle_timeout, health_interval and ejection_time must be longer than zero"
                 ));
@@ -748,7 +758,9 @@ impl Config {
             }
             if let Some(path) = &pool.health_path {
                 if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
-                    problems.push(format!("{at}.health_path: {path:?} is not a path like \"/health\""));
+                    problems.push(format!(
+                        "{at}.health_path: {path:?} is not a path like \"/health\""
+                    ));
                 }
             }
         }

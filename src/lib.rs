@@ -94,14 +94,19 @@ impl Running {
 /// with `/readyz` at 503) while the pull loop keeps trying.
 pub async fn start(config: Config) -> Result<Running, String> {
     let metrics = metrics::handle();
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
     let pools = Arc::new(Pools::from_config(
         &config.pools,
         config.timeouts.upstream_connect,
     )?);
+    for pool in pools.all() {
+        if pool.health_path.is_some() {
+            tasks.spawn(proxy::health::run(Arc::clone(pool), shutdown.clone()));
+        }
+    }
     let registry = Arc::new(Registry::new(pools));
     let status = Arc::new(SyncStatus::default());
-    let shutdown = CancellationToken::new();
-    let mut tasks = JoinSet::new();
 
     let state_dir = config.state_dir();
     match persist::load(&state_dir, &registry).await {

@@ -289,7 +289,9 @@ async fn forward(
     metrics::histogram!(crate::metrics::UPSTREAM_TTFB).record(ttfb.as_secs_f64());
     access.ttfb = Some(ttfb);
     access.endpoint = Some(Arc::clone(&reply.endpoint.label));
-    Ok(edge.upstreams.client_response(reply.response, reply.guard, strip_usage))
+    Ok(edge
+        .upstreams
+        .client_response(reply.response, reply.guard, strip_usage))
 }
 
 fn json(body: bytes::Bytes) -> Response<EdgeBody> {

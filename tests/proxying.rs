@@ -517,8 +517,15 @@ async fn the_pool_sends_its_own_credential_never_the_clients() {
     let edge = TestEdge::start_pool(&[backend.url()], "api_key = \"backend-secret\"", "").await;
     let a = post_keyed(&edge, &[], chat("x", false)).await;
     assert_eq!(a.status, 200);
-    let a = send(edge.addr, Method::POST, "open.arkor.app", "/v1/chat/completions",
-        &[("authorization", "Bearer client-value")], chat("x", false)).await;
+    let a = send(
+        edge.addr,
+        Method::POST,
+        "open.arkor.app",
+        "/v1/chat/completions",
+        &[("authorization", "Bearer client-value")],
+        chat("x", false),
+    )
+    .await;
     assert_eq!(a.status, 200);
     for seen in backend.seen() {
         assert_eq!(seen.headers["authorization"], "Bearer backend-secret");

@@ -8,19 +8,20 @@
 pub mod balance;
 pub mod client;
 pub mod echo;
+pub mod health;
 pub mod pin;
 pub mod pool;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response};
 use crate::error::EdgeError;
 use crate::headers::{self as h, strip_hop_by_hop};
 use crate::stream::{ChunksBody, EdgeBody, Passthrough, UpstreamBody, UsageScan};
 use crate::usage::scan::{JsonUsageScan, SseUsageScan};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response};
 use pin::Pinned;
 use pool::{Endpoint, EndpointSpec, Pool};
 use tokio::time::Instant;
@@ -133,7 +134,9 @@ impl Upstreams {
             let endpoint = &pool.endpoints[index];
             let guard = InFlight::start(pool, index);
             endpoint.metrics.picks.increment(1);
-            let outcome = self.attempt(pool, endpoint, path, &headers, &chunks, body.len, deadline).await;
+            let outcome = self
+                .attempt(pool, endpoint, path, &headers, &chunks, body.len, deadline)
+                .await;
             match outcome {
                 Attempt::Answered(response) => {
                     let ttfb = now.elapsed();
@@ -144,7 +147,11 @@ impl Upstreams {
                     } else {
                         pool.balancer.success(index);
                     }
-                    return Ok(Sent { response, endpoint, guard });
+                    return Ok(Sent {
+                        response,
+                        endpoint,
+                        guard,
+                    });
                 }
                 Attempt::NotSent => {
                     self.failed(pool, index, Instant::now());
@@ -195,7 +202,8 @@ impl Upstreams {
         *req.uri_mut() = uri;
         *req.headers_mut() = headers.clone();
         if let Some(auth) = &pool.authorization {
-            req.headers_mut().insert(header::AUTHORIZATION, auth.clone());
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, auth.clone());
         }
         match tokio::time::timeout_at(deadline, client.request(req)).await {
             Ok(Ok(response)) => Attempt::Answered(response.map(UpstreamBody::Remote)),

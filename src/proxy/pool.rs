@@ -140,6 +140,17 @@ pub struct PoolMetrics {
 }
 
 impl Endpoint {
+    /// The upstream URI for any path (allocates; for health checks).
+    pub fn uri_for(&self, path: &str) -> Option<Uri> {
+        let EndpointSpec::Http {
+            authority, prefix, ..
+        } = &self.spec
+        else {
+            return None;
+        };
+        format!("http://{authority}{prefix}{path}").parse().ok()
+    }
+
     /// The upstream URI for an operation path like `/v1/chat/completions`.
     pub fn uri(&self, path: &'static str) -> Option<Uri> {
         let EndpointSpec::Http {

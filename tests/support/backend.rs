@@ -124,8 +124,16 @@ impl Backend {
         Self::start_with(true).await
     }
 
+    /// An HTTP/1.1 backend on a chosen address (e.g. to bring a dead endpoint back).
+    pub async fn start_on(addr: SocketAddr) -> Backend {
+        Self::serve(TcpListener::bind(addr).await.unwrap(), false)
+    }
+
     async fn start_with(h2: bool) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), h2)
+    }
+
+    fn serve(listener: TcpListener, h2: bool) -> Backend {
         let addr = listener.local_addr().unwrap();
         let shared = Shared::default();
         let s = shared.clone();
