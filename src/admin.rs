@@ -148,9 +148,20 @@ async fn push(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
         Err(why) => return error(StatusCode::BAD_REQUEST, &why),
     };
     let count = events.len();
-    let outcomes = match admin.registry.apply_batch(events) {
-        Ok(o) => o,
-        Err((index, why)) => {
+    // The writer lock may be held for seconds by a large snapshot: wait for it on a blocking
+    // thread, not on a runtime worker that serves requests.
+    let registry = Arc::clone(&admin.registry);
+    let applied = tokio::task::spawn_blocking(move || registry.apply_batch(events)).await;
+    let outcomes = match applied {
+        Ok(Ok(o)) => o,
+        Err(e) => {
+            tracing::error!("pushed batch not applied: {e}");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the batch could not be applied",
+            );
+        }
+        Ok(Err((index, why))) => {
             return error(
                 StatusCode::BAD_REQUEST,
                 &format!("event {index} is invalid, nothing applied: {why}"),

@@ -16,7 +16,7 @@ pub mod model;
 pub mod persist;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -112,6 +112,34 @@ struct Writer {
     tombstones: Cache<(Kind, Box<str>), u64>,
 }
 
+/// The writer's lock; publishes the entry counts when released.
+struct WriterGuard<'a> {
+    registry: &'a Registry,
+    guard: std::sync::MutexGuard<'a, Writer>,
+}
+
+impl std::ops::Deref for WriterGuard<'_> {
+    type Target = Writer;
+    fn deref(&self) -> &Writer {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for WriterGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Writer {
+        &mut self.guard
+    }
+}
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        let r = self.registry;
+        r.deployment_count
+            .store(self.guard.deployments.len(), Ordering::Relaxed);
+        r.key_count.store(self.guard.keys.len(), Ordering::Relaxed);
+    }
+}
+
 /// Deployments by slug and keys by hash, for the request path; fed by one writer.
 pub struct Registry {
     by_slug: Cache<Slug, Arc<Deployment>>,
@@ -119,6 +147,10 @@ pub struct Registry {
     writer: Mutex<Writer>,
     revision: AtomicU64,
     loaded: AtomicBool,
+    /// Entry counts, published by the writer so readers (metrics, admin) never take its lock,
+    /// which a large snapshot holds for seconds.
+    deployment_count: AtomicUsize,
+    key_count: AtomicUsize,
     pools: Arc<Pools>,
     /// Signalled after every change, for the persister (a stored permit coalesces bursts).
     changed: tokio::sync::Notify,
@@ -148,6 +180,8 @@ impl Registry {
             }),
             revision: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
+            deployment_count: AtomicUsize::new(0),
+            key_count: AtomicUsize::new(0),
             pools,
             changed: tokio::sync::Notify::new(),
         }
@@ -180,14 +214,19 @@ impl Registry {
 
     /// Number of deployments and keys held.
     pub fn counts(&self) -> (usize, usize) {
-        let w = self.lock();
-        (w.deployments.len(), w.keys.len())
+        (
+            self.deployment_count.load(Ordering::Relaxed),
+            self.key_count.load(Ordering::Relaxed),
+        )
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Writer> {
+    fn lock(&self) -> WriterGuard<'_> {
         // A panic while holding the lock cannot leave the caches half-written in a way readers
         // could misread (each insert is atomic), so a poisoned lock is still usable.
-        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+        WriterGuard {
+            registry: self,
+            guard: self.writer.lock().unwrap_or_else(|e| e.into_inner()),
+        }
     }
 
     fn bump_revision(&self, revision: u64) {

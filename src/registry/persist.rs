@@ -18,29 +18,27 @@ use super::{Registry, SnapshotReport};
 pub const STATE_FILE: &str = "state.json";
 /// Pause after a change before writing, so bursts coalesce.
 pub const COALESCE: Duration = Duration::from_millis(200);
+/// The pause after a change is also at least this many times the last write's duration.
+pub const WRITE_SPACING: u32 = 4;
 
 /// Loads the persisted state, if there is one. A file that does not parse is an error (and the
 /// registry is left as it was).
-pub async fn load(dir: &Path, registry: &Registry) -> Result<Option<SnapshotReport>, String> {
+pub async fn load(dir: &Path, registry: &Arc<Registry>) -> Result<Option<SnapshotReport>, String> {
     let path = dir.join(STATE_FILE);
     let bytes = match tokio::fs::read(&path).await {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
-    registry
-        .apply_snapshot(&bytes)
+    let r = Arc::clone(registry);
+    tokio::task::spawn_blocking(move || r.apply_snapshot(&bytes))
+        .await
+        .map_err(|e| format!("{}: {e}", path.display()))?
         .map(Some)
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Writes `bytes` to `dir/state.json` atomically.
-pub async fn write(dir: PathBuf, bytes: Vec<u8>) -> std::io::Result<()> {
-    tokio::task::spawn_blocking(move || write_blocking(&dir, &bytes))
-        .await
-        .map_err(std::io::Error::other)?
-}
-
 fn write_blocking(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!("{STATE_FILE}.tmp.{}", std::process::id()));
@@ -55,18 +53,27 @@ fn write_blocking(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Writes the state after changes, coalesced, until `shutdown`; then writes once more.
 /// Returns how many writes succeeded.
+///
+/// A write costs time in proportion to the state (a million deployments is hundreds of
+/// megabytes), so the pause after a change is at least [`COALESCE`] and at least
+/// [`WRITE_SPACING`] times the last write's duration: a large state is written less often
+/// rather than all the time.
 pub async fn run(dir: PathBuf, registry: Arc<Registry>, shutdown: CancellationToken) -> u64 {
     let mut writes = 0;
+    let mut last_write = Duration::ZERO;
     loop {
         tokio::select! {
             _ = registry.changed() => {}
             _ = shutdown.cancelled() => break,
         }
+        let pause = COALESCE.max(last_write * WRITE_SPACING);
         tokio::select! {
-            _ = tokio::time::sleep(COALESCE) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = shutdown.cancelled() => {}
         }
+        let started = tokio::time::Instant::now();
         writes += u64::from(persist(&dir, &registry).await);
+        last_write = started.elapsed();
         if shutdown.is_cancelled() {
             return writes;
         }
@@ -74,12 +81,17 @@ pub async fn run(dir: PathBuf, registry: Arc<Registry>, shutdown: CancellationTo
     writes + u64::from(persist(&dir, &registry).await)
 }
 
-async fn persist(dir: &Path, registry: &Registry) -> bool {
+async fn persist(dir: &Path, registry: &Arc<Registry>) -> bool {
     if !registry.is_loaded() {
         return false;
     }
-    let bytes = registry.export();
-    match write(dir.to_path_buf(), bytes).await {
+    // Serialising a large state is CPU work: off the runtime workers, with the write.
+    let (r, d) = (Arc::clone(registry), dir.to_path_buf());
+    let written = tokio::task::spawn_blocking(move || write_blocking(&d, &r.export()))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+    match written {
         Ok(()) => {
             metrics::counter!(crate::metrics::STATE_WRITES, "result" => "ok").increment(1);
             true
@@ -132,7 +144,7 @@ mod tests {
         // One coalesced write for the burst (two if the snapshot's own notification was seen
         // first), plus the final one at shutdown.
         assert!((2..=3).contains(&writes), "{writes} writes for one burst");
-        let copy = Registry::new(Arc::new(Pools::default()));
+        let copy = Arc::new(Registry::new(Arc::new(Pools::default())));
         let report = load(&state, &copy).await.unwrap().unwrap();
         assert_eq!(report.revision, 49);
         assert_eq!(copy.counts().0, 48);
@@ -146,7 +158,7 @@ mod tests {
     #[tokio::test]
     async fn a_missing_file_is_no_state_and_garbage_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let registry = Registry::new(Arc::new(Pools::default()));
+        let registry = Arc::new(Registry::new(Arc::new(Pools::default())));
         assert_eq!(load(dir.path(), &registry).await.unwrap(), None);
         std::fs::write(dir.path().join(STATE_FILE), "{garbage").unwrap();
         assert!(load(dir.path(), &registry).await.is_err());

@@ -35,13 +35,16 @@ async fn fingerprint(path: &Path) -> std::io::Result<Fingerprint> {
     })
 }
 
-/// Reads the file and applies it as a snapshot.
-pub async fn load(path: &Path, registry: &Registry) -> Result<SnapshotReport, String> {
+/// Reads the file and applies it as a snapshot, on a blocking thread: a fleet's snapshot takes
+/// seconds of CPU, which must not hold a runtime worker that serves requests.
+pub async fn load(path: &Path, registry: &Arc<Registry>) -> Result<SnapshotReport, String> {
     let bytes = tokio::fs::read(path)
         .await
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let report = registry
-        .apply_snapshot(&bytes)
+    let r = Arc::clone(registry);
+    let report = tokio::task::spawn_blocking(move || r.apply_snapshot(&bytes))
+        .await
+        .map_err(|e| format!("{}: {e}", path.display()))?
         .map_err(|e| format!("{}: {e}", path.display()))?;
     for why in &report.rejected {
         tracing::error!(file = %path.display(), "control-plane object rejected: {why}");
