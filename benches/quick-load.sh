@@ -21,7 +21,11 @@ mock=$(cargo bench --no-run --bench mock_backend 2>&1 | sed -n 's/.*Executable .
 
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 mock_port=19100
@@ -34,6 +38,9 @@ cat > "$work/deployments.json" <<JSON
  "keys":[{"id":"k-bench","deploymentId":"d-bench","sha256":"$hash","enabled":true,"revision":1}]}
 JSON
 cat > "$work/edge.toml" <<TOML
+state_dir = "state"
+[log]
+access = false
 [listen]
 http = "127.0.0.1:$edge_port"
 [[pools]]
