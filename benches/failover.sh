@@ -11,21 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-20}"
 
-if ! command -v wrk >/dev/null; then
-  (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null
-fi
-cargo build --release --quiet
-mock=$(cargo bench --no-run --bench mock_backend 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
-[ -x "$mock" ] || { echo "mock backend not built" >&2; exit 1; }
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. benches/common.sh
 
 edge_port=18090
 admin_port=19190

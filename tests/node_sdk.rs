@@ -7,28 +7,12 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use support::tls::start_tls_edge;
 use support::*;
 
 fn node_script() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let deps = std::env::var_os("ARKOR_NODE_DEPS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target").join("node-deps"));
-    let out = Command::new("bash")
-        .arg(root.join("tests/node/ensure-node-deps.sh"))
-        .arg(&deps)
-        .output()
-        .expect("bash runs");
-    assert!(
-        out.status.success(),
-        "could not install the OpenAI Node SDK into {}:\n{}",
-        deps.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    installed("tests/node/ensure-node-deps.sh", "ARKOR_NODE_DEPS", "node-deps")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,27 +7,11 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use support::*;
 
 fn venv_python() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let venv = std::env::var_os("ARKOR_PY_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target").join("py-venv"));
-    let out = Command::new("bash")
-        .arg(root.join("tests/python/ensure-venv.sh"))
-        .arg(&venv)
-        .output()
-        .expect("bash runs");
-    assert!(
-        out.status.success(),
-        "could not install the OpenAI SDK into {}:\n{}",
-        venv.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    installed("tests/python/ensure-venv.sh", "ARKOR_PY_VENV", "py-venv")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

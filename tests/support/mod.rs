@@ -270,3 +270,25 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8], within: Duration) -> String {
     let _ = tokio::time::timeout(within, s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Runs a project install script (`tests/python/ensure-venv.sh`, `tests/node/ensure-node-deps.sh`)
+/// on its folder — `$<env_var>` or `target/<default_dir>` — and returns the path it prints.
+/// Fails the test loudly when the install fails.
+pub fn installed(script: &str, env_var: &str, default_dir: &str) -> std::path::PathBuf {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::var_os(env_var)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target").join(default_dir));
+    let out = std::process::Command::new("bash")
+        .arg(root.join(script))
+        .arg(&dir)
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "{script} could not install into {}:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
