@@ -39,7 +39,7 @@ for p in "${ports[@]}"; do
   "$mock" --listen "127.0.0.1:$p" >/dev/null &
   mock_pids+=($!); pids+=($!)
 done
-RUST_LOG=error ./target/release/arkor-edge --config "$work/edge.toml" &
+RUST_LOG=error "${CARGO_TARGET_DIR:-target}/release/arkor-edge" --config "$work/edge.toml" &
 pids+=($!)
 for _ in $(seq 50); do
   curl -fsS -o /dev/null "http://127.0.0.1:$admin_port/readyz" 2>/dev/null && break

@@ -36,7 +36,7 @@ TOML
 
 "$mock" --listen "127.0.0.1:$mock_port" --chunks 32 >/dev/null &
 pids+=($!)
-RUST_LOG=warn ./target/release/arkor-edge --config "$work/edge.toml" &
+RUST_LOG=warn "${CARGO_TARGET_DIR:-target}/release/arkor-edge" --config "$work/edge.toml" &
 pids+=($!)
 for _ in $(seq 50); do
   curl -fsS -o /dev/null -H "Host: bench.arkor.app" -H "Authorization: Bearer $key" \
