@@ -12,7 +12,11 @@ use support::tls::start_tls_edge;
 use support::*;
 
 fn node_script() -> PathBuf {
-    installed("tests/node/ensure-node-deps.sh", "ARKOR_NODE_DEPS", "node-deps")
+    installed(
+        "tests/node/ensure-node-deps.sh",
+        "ARKOR_NODE_DEPS",
+        "node-deps",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
