@@ -96,6 +96,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let metrics = metrics::handle();
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    tasks.spawn(metrics::upkeep(metrics.clone(), shutdown.clone()));
     let pools = Arc::new(Pools::from_config(
         &config.pools,
         config.timeouts.upstream_connect,

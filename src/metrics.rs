@@ -76,6 +76,22 @@ pub fn handle() -> PrometheusHandle {
         .clone()
 }
 
+/// How often histogram samples are folded into their buckets when nobody scrapes: the recorder
+/// keeps raw samples until then, so without it memory would grow with every request.
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds histogram samples every [`UPKEEP_INTERVAL`] until `shutdown`.
+pub async fn upkeep(handle: PrometheusHandle, shutdown: tokio_util::sync::CancellationToken) {
+    let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => handle.run_upkeep(),
+        }
+    }
+}
+
 fn describe() {
     describe_counter!(REQUESTS, "Requests answered, by status class and code.");
     describe_histogram!(
