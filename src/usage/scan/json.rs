@@ -1,0 +1,301 @@
+//! [`JsonUsageScan`]: the top-level `usage` of one JSON document, fed in arbitrary pieces.
+
+use super::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Phase {
+    #[default]
+    /// Before the document's first byte that is not whitespace.
+    Before,
+    /// Inside the top-level object.
+    Root,
+    /// The top-level object has closed; only whitespace may follow.
+    After,
+    /// Not an object, or data after it: nothing to report.
+    Invalid,
+}
+
+/// The last key read at depth 1 (top level) or depth 2 (inside the top-level `usage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Key {
+    #[default]
+    Other,
+    Usage,
+    Choices,
+    Prompt,
+    Completion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Escape {
+    #[default]
+    None,
+    Backslash,
+    /// `\u` and this many hex digits so far, with their value.
+    Hex(u8, u32),
+}
+
+/// Incremental scan of one JSON document for its top-level `usage` object. Fixed-size state.
+#[derive(Debug, Clone, Default)]
+pub struct JsonUsageScan {
+    phase: Phase,
+    depth: u32,
+    in_string: bool,
+    /// Whether the current string is a key worth decoding (top level, or directly in `usage`).
+    capture: bool,
+    escape: Escape,
+    key: [u8; KEY_CAP],
+    key_len: usize,
+    /// The key cannot be one of ours (too long, non-ASCII escape, bad escape).
+    key_bad: bool,
+    want_key: bool,
+    want_value: bool,
+    last_key: Key,
+    /// Digits so far of a token count being read.
+    number: Option<u64>,
+    in_usage: bool,
+    acc: Usage,
+    usage: Option<Usage>,
+    /// The last `choices` value opened an array whose first byte is still to come.
+    choices_first: bool,
+    choices_empty: bool,
+}
+
+impl JsonUsageScan {
+    /// A scanner before the document's first byte.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds the next bytes of the document, split anywhere.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let mut i = 0;
+        while i < chunk.len() {
+            if self.in_string {
+                i = self.string(chunk, i);
+                continue;
+            }
+            let c = chunk[i];
+            i += 1;
+            match self.phase {
+                Phase::Root => self.root_byte(c),
+                Phase::Before if c == b'{' => {
+                    self.phase = Phase::Root;
+                    self.depth = 1;
+                    self.want_key = true;
+                }
+                Phase::Before | Phase::After if is_ws(c) => {}
+                Phase::Before | Phase::After => self.phase = Phase::Invalid,
+                Phase::Invalid => return,
+            }
+        }
+    }
+
+    /// The top-level usage (`prompt_tokens` / `completion_tokens` integers directly inside the
+    /// top-level `"usage"` object; a missing member counts as 0), if the document had a non-null
+    /// one. `None` until the top-level object has closed, and for anything but one object.
+    pub fn usage(&self) -> Option<Usage> {
+        match self.phase {
+            Phase::After => self.usage,
+            _ => None,
+        }
+    }
+
+    /// Whether the document is a usage-only chunk: top-level `choices` is an empty array and
+    /// `usage` a non-null object.
+    pub(super) fn usage_only(&self) -> bool {
+        self.choices_empty && self.usage().is_some()
+    }
+
+    fn root_byte(&mut self, c: u8) {
+        if let Some(v) = self.number {
+            match c {
+                b'0'..=b'9' => {
+                    self.number = Some(v.saturating_mul(10).saturating_add(u64::from(c - b'0')));
+                    return;
+                }
+                // A fraction or an exponent: not a count, which stays 0. The rest of the number
+                // is ignored like any value byte.
+                b'.' | b'e' | b'E' => self.number = None,
+                _ => {
+                    self.set_count(v);
+                    self.number = None;
+                }
+            }
+        }
+        if self.choices_first && !is_ws(c) {
+            self.choices_first = false;
+            self.choices_empty = c == b']';
+        }
+        // Keys and values matter only at the top level and directly inside `usage`.
+        let tracked = self.depth == 1 || (self.depth == 2 && self.in_usage);
+        match c {
+            b'"' => {
+                self.in_string = true;
+                self.capture = tracked && self.want_key;
+                if self.capture {
+                    self.key_len = 0;
+                    self.key_bad = false;
+                    self.want_key = false;
+                } else if tracked && self.want_value {
+                    self.value_start(c);
+                }
+            }
+            b'{' | b'[' => {
+                if tracked && self.want_value {
+                    self.value_start(c);
+                }
+                self.depth = self.depth.saturating_add(1);
+            }
+            b'}' | b']' => self.close(),
+            b':' if tracked => self.want_value = true,
+            b',' if tracked => self.want_key = true,
+            _ if tracked && self.want_value && !is_ws(c) => self.value_start(c),
+            _ => {}
+        }
+    }
+
+    /// The first byte of a member's value at a tracked depth.
+    fn value_start(&mut self, c: u8) {
+        self.want_value = false;
+        match self.last_key {
+            Key::Usage => {
+                // A later `usage` member replaces an earlier one, as in a parsed map.
+                self.usage = None;
+                if c == b'{' {
+                    self.in_usage = true;
+                    self.want_key = true;
+                    self.acc = Usage::default();
+                }
+            }
+            Key::Choices => {
+                self.choices_empty = false;
+                self.choices_first = c == b'[';
+            }
+            Key::Prompt | Key::Completion => {
+                self.set_count(0);
+                // A sign, a string, `null`: not a count, which stays 0.
+                if c.is_ascii_digit() {
+                    self.number = Some(u64::from(c - b'0'));
+                }
+            }
+            Key::Other => {}
+        }
+    }
+
+    fn set_count(&mut self, v: u64) {
+        match self.last_key {
+            Key::Prompt => self.acc.prompt_tokens = v,
+            Key::Completion => self.acc.completion_tokens = v,
+            _ => {}
+        }
+    }
+
+    fn close(&mut self) {
+        if self.depth == 2 && self.in_usage {
+            self.in_usage = false;
+            self.usage = Some(self.acc);
+        }
+        self.depth = self.depth.saturating_sub(1);
+        // Whatever closed was a value: next comes a comma or a close, at any depth.
+        self.want_key = false;
+        self.want_value = false;
+        if self.depth == 0 {
+            self.phase = Phase::After;
+        }
+    }
+
+    /// Scans string bytes from `i`; returns where scanning stopped (after the closing quote, or
+    /// the chunk's end).
+    fn string(&mut self, b: &[u8], mut i: usize) -> usize {
+        if !self.capture {
+            // Values and nested keys: jump from quote or backslash to the next.
+            loop {
+                if self.escape != Escape::None {
+                    if i >= b.len() {
+                        return i;
+                    }
+                    // The escaped byte; `\u` hex digits that follow are plain bytes.
+                    i += 1;
+                    self.escape = Escape::None;
+                }
+                let Some(n) = memchr2(b'"', b'\\', &b[i..]) else {
+                    return b.len();
+                };
+                i += n + 1;
+                if b[i - 1] == b'"' {
+                    self.in_string = false;
+                    return i;
+                }
+                self.escape = Escape::Backslash;
+            }
+        }
+        // A key we compare: decode it, so `"us\u0061ge"` is `usage` as for any JSON parser.
+        while i < b.len() {
+            let c = b[i];
+            i += 1;
+            match self.escape {
+                Escape::None => match c {
+                    b'"' => {
+                        self.in_string = false;
+                        self.key_done();
+                        return i;
+                    }
+                    b'\\' => self.escape = Escape::Backslash,
+                    _ => self.key_push(c),
+                },
+                Escape::Backslash => {
+                    self.escape = Escape::None;
+                    match c {
+                        b'u' => self.escape = Escape::Hex(0, 0),
+                        b'"' | b'\\' | b'/' => self.key_push(c),
+                        // Control characters: in no key of ours.
+                        _ => self.key_bad = true,
+                    }
+                }
+                Escape::Hex(n, v) => {
+                    let v = (v << 4) | char::from(c).to_digit(16).unwrap_or(0xFF);
+                    if n < 3 {
+                        self.escape = Escape::Hex(n + 1, v);
+                    } else {
+                        self.escape = Escape::None;
+                        match u8::try_from(v) {
+                            Ok(ascii) if ascii.is_ascii() => self.key_push(ascii),
+                            _ => self.key_bad = true,
+                        }
+                    }
+                }
+            }
+        }
+        i
+    }
+
+    fn key_push(&mut self, c: u8) {
+        match self.key.get_mut(self.key_len) {
+            Some(slot) => {
+                *slot = c;
+                self.key_len += 1;
+            }
+            None => self.key_bad = true,
+        }
+    }
+
+    fn key_done(&mut self) {
+        let key = if self.key_bad {
+            &[][..]
+        } else {
+            &self.key[..self.key_len]
+        };
+        self.last_key = match (self.depth, key) {
+            (1, b"usage") => Key::Usage,
+            (1, b"choices") => Key::Choices,
+            (2, b"prompt_tokens") => Key::Prompt,
+            (2, b"completion_tokens") => Key::Completion,
+            _ => Key::Other,
+        };
+    }
+}
+
+pub(super) fn is_ws(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | b'\r')
+}

@@ -1,0 +1,235 @@
+//! [`SseUsageScan`]: usage across an event stream, and the cut of the usage-only event.
+
+use super::*;
+
+/// Where the scanner is within the current SSE line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Line {
+    /// No byte of the line yet: a line end here is a blank line.
+    #[default]
+    Start,
+    /// This many bytes of `data` matched (1..=4).
+    Name(u8),
+    /// In a `data` value: bytes go to the event's JSON scan. The optional space after the colon
+    /// goes too: it is JSON whitespace, so it needs no special case.
+    Data,
+    /// A comment or another field: ignored up to the line end.
+    Other,
+}
+
+/// Incremental scan of an SSE stream of chat-completion chunks.
+///
+/// Framing follows the WHATWG event-stream rules: lines end in LF, CRLF or CR, a blank line ends
+/// an event, `data` values joined with LF are the event's JSON, comments and other fields are
+/// ignored (but forwarded). An event counts when its blank line arrives; an unterminated one at
+/// the end of the stream is dropped by clients, and not counted either.
+#[derive(Debug, Default)]
+pub struct SseUsageScan {
+    strip: bool,
+    line: Line,
+    /// The last byte scanned was a CR ending a line: a LF next is part of that line end.
+    pending_cr: bool,
+    json: JsonUsageScan,
+    usage: Option<Usage>,
+    /// The unfinished event's bytes while it may still be cut: one slice of a frame, or the
+    /// pieces of several frames joined (the only copy this scanner makes).
+    held: Bytes,
+    joined: BytesMut,
+    /// The unfinished event outgrew [`MAX_HELD_EVENT`] and went out as it came: it is not cut.
+    released: bool,
+    /// The last event ended on a CR at the end of a frame; `Some(cut)`: a LF first in the next
+    /// frame still belongs to it, and goes where it went.
+    tail_cr: Option<bool>,
+}
+
+impl SseUsageScan {
+    /// A scanner before the stream's first byte.
+    ///
+    /// `strip_usage_only`: cut usage-only events (top-level `choices` is an empty array and
+    /// `usage` a non-null object) out of what is forwarded — the edge asked the backend for
+    /// usage itself and the client did not.
+    pub fn new(strip_usage_only: bool) -> Self {
+        Self {
+            strip: strip_usage_only,
+            ..Self::default()
+        }
+    }
+
+    /// Feeds one frame exactly as received; returns what to forward now.
+    ///
+    /// Without stripping that is the frame itself, untouched. With it, whole events go out as
+    /// slices of the frame, usage-only events are left out, and the tail of an unfinished event
+    /// is held until its blank line (at most [`MAX_HELD_EVENT`] bytes, then it goes out as is).
+    pub fn feed(&mut self, frame: Bytes) -> Forward {
+        let mut out = Forward::default();
+        if frame.is_empty() {
+            return out;
+        }
+        if !self.strip {
+            let mut at = 0;
+            while self.next_event(&frame, &mut at).is_some() {}
+            out.push(frame);
+            return out;
+        }
+        let mut at = 0; // scan position
+        let mut run = 0; // start of the bytes to forward not yet pushed
+        if let Some(cut) = self.tail_cr.take() {
+            if frame.first() == Some(&b'\n') {
+                self.pending_cr = false;
+                at = 1;
+                run = usize::from(cut);
+            }
+        }
+        let mut region = at; // start of the current event
+        let mut last_cut = false;
+        while let Some(usage_only) = self.next_event(&frame, &mut at) {
+            let held = self.take_held();
+            last_cut = usage_only && !self.released;
+            if last_cut {
+                out.push(frame.slice(run..region));
+                run = at;
+            } else {
+                out.push(held); // held bytes come before anything of this frame
+            }
+            self.released = false;
+            region = at;
+        }
+        if region == frame.len() {
+            out.push(frame.slice(run..));
+            if self.pending_cr {
+                self.tail_cr = Some(last_cut);
+            }
+        } else if self.released {
+            out.push(frame.slice(run..));
+        } else {
+            out.push(frame.slice(run..region));
+            let rest = frame.slice(region..);
+            if self.held_len() + rest.len() > MAX_HELD_EVENT {
+                out.push(self.take_held());
+                out.push(rest);
+                self.released = true;
+            } else {
+                self.hold(rest);
+            }
+        }
+        out
+    }
+
+    /// End of stream: whatever is still held (an unterminated event) is released as is.
+    pub fn finish(&mut self) -> Forward {
+        let mut out = Forward::default();
+        out.push(self.take_held());
+        *self = Self {
+            strip: self.strip,
+            usage: self.usage,
+            ..Self::default()
+        };
+        out
+    }
+
+    /// The last non-null usage seen in any event.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// Bytes held back right now (never more than [`MAX_HELD_EVENT`]).
+    pub(super) fn held_len(&self) -> usize {
+        self.held.len() + self.joined.len()
+    }
+
+    fn hold(&mut self, piece: Bytes) {
+        if self.held_len() == 0 {
+            self.held = piece;
+        } else {
+            self.joined
+                .extend_from_slice(&std::mem::take(&mut self.held));
+            self.joined.extend_from_slice(&piece);
+        }
+    }
+
+    fn take_held(&mut self) -> Bytes {
+        if self.joined.is_empty() {
+            std::mem::take(&mut self.held)
+        } else {
+            self.joined.split().freeze()
+        }
+    }
+
+    /// Scans from `*at` to just past the next blank line and returns whether the event it ended
+    /// was usage-only; `None` when the frame ran out first. `*at` is where scanning stopped.
+    fn next_event(&mut self, b: &[u8], at: &mut usize) -> Option<bool> {
+        let mut i = *at;
+        while i < b.len() {
+            if std::mem::take(&mut self.pending_cr) && b[i] == b'\n' {
+                i += 1;
+                continue;
+            }
+            let end = memchr2(b'\n', b'\r', &b[i..]).map_or(b.len(), |n| i + n);
+            self.line_bytes(&b[i..end]);
+            if end == b.len() {
+                break;
+            }
+            i = end + 1;
+            if b[end] == b'\r' {
+                match b.get(i) {
+                    Some(b'\n') => i += 1,
+                    Some(_) => {}
+                    None => self.pending_cr = true,
+                }
+            }
+            if let Some(usage_only) = self.end_line() {
+                *at = i;
+                return Some(usage_only);
+            }
+        }
+        *at = b.len();
+        None
+    }
+
+    /// Bytes of one line, without its line end.
+    fn line_bytes(&mut self, mut seg: &[u8]) {
+        while let Some((&c, rest)) = seg.split_first() {
+            self.line = match self.line {
+                Line::Data => return self.json.feed(seg),
+                Line::Other => return,
+                Line::Start if c == b'd' => Line::Name(1),
+                Line::Name(4) if c == b':' => {
+                    self.data_line();
+                    Line::Data
+                }
+                Line::Name(n) if usize::from(n) < 4 && b"data"[usize::from(n)] == c => {
+                    Line::Name(n + 1)
+                }
+                Line::Start | Line::Name(_) => Line::Other,
+            };
+            seg = rest;
+        }
+    }
+
+    /// A line ended. Returns `Some(usage_only)` when it was blank, ending an event.
+    fn end_line(&mut self) -> Option<bool> {
+        match std::mem::take(&mut self.line) {
+            Line::Start => return Some(self.dispatch()),
+            // `data` without a colon: a data line with an empty value.
+            Line::Name(4) => self.data_line(),
+            _ => {}
+        }
+        None
+    }
+
+    /// A data line starts: the event's data values are joined with LF. One before the first
+    /// value too is leading whitespace to JSON, so no flag is kept for it.
+    fn data_line(&mut self) {
+        self.json.feed(b"\n");
+    }
+
+    /// The event's blank line: its data was scanned whole. An event without data leaves the
+    /// scan at its start, which reports nothing.
+    fn dispatch(&mut self) -> bool {
+        let json = std::mem::take(&mut self.json);
+        if let Some(usage) = json.usage() {
+            self.usage = Some(usage);
+        }
+        json.usage_only()
+    }
+}
