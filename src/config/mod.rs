@@ -356,6 +356,9 @@ pub struct PoolConfig {
     /// How long a first ejection lasts; each ejection in a row doubles it, up to 5 minutes.
     #[serde(default = "default_ejection_time", with = "humantime_serde")]
     pub ejection_time: Duration,
+    /// The largest share of the pool's endpoints ejected at once (one always stays in).
+    #[serde(default = "default_max_ejected_share")]
+    pub max_ejected_share: f64,
     /// The resolved backend credential.
     #[serde(skip)]
     pub secret: Option<Secret>,
@@ -387,6 +390,10 @@ fn default_eject_after() -> u32 {
 
 fn default_ejection_time() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_max_ejected_share() -> f64 {
+    0.5
 }
 
 /// `[limits]`.

@@ -193,6 +193,30 @@ fn token_file_is_relative_to_the_config() {
 }
 
 #[test]
+fn pool_balancing_settings_are_checked() {
+    let base =
+        "[[pools]]\nname = \"p\"\nbase_models = [\"m\"]\nendpoints = [\"http://127.0.0.1:1\"]\n";
+    let e = parse(&format!(
+        "{base}max_ejected_share = 2.0\nload_factor = 0.5\neject_after = 0\nhealth_path = \"health\"\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    for needle in [
+        "max_ejected_share",
+        "load_factor",
+        "eject_after",
+        "health_path",
+    ] {
+        assert!(e.contains(&format!("pools[0].{needle}")), "{needle}: {e}");
+    }
+    let ok = parse(&format!(
+        "{base}api_key = \"k\"\nhealth_path = \"/health\"\n"
+    ))
+    .unwrap();
+    assert_eq!(ok.pools[0].secret.as_ref().unwrap().expose(), "k");
+}
+
+#[test]
 fn llamacpp_needs_its_adapter_map() {
     let base =
         "[[pools]]\nname = \"p\"\nbase_models = [\"m\"]\nendpoints = [\"http://127.0.0.1:1\"]\n";

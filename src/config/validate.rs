@@ -196,6 +196,9 @@ impl Config {
                     "{at}: idle_timeout, health_interval and ejection_time must be longer than zero"
                 ));
             }
+            if !(0.0..=1.0).contains(&pool.max_ejected_share) {
+                problems.push(format!("{at}.max_ejected_share: must be between 0 and 1"));
+            }
             if pool.eject_after == 0 {
                 problems.push(format!("{at}.eject_after: must be at least 1"));
             }

@@ -275,6 +275,7 @@ impl Pools {
                 load_factor: p.load_factor,
                 failures_to_eject: p.eject_after,
                 base_ejection: p.ejection_time,
+                max_ejected_share: p.max_ejected_share,
                 ..BalanceConfig::default()
             };
             let name = p.name.clone();
