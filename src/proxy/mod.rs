@@ -114,7 +114,7 @@ impl Upstreams {
         pool: &'p Pool,
         affinity: Option<&str>,
         path: &'static str,
-        headers: HeaderMap,
+        mut headers: HeaderMap,
         body: Pinned,
     ) -> Result<Sent<'p>, EdgeError> {
         let deadline = Instant::now() + self.first_byte;
@@ -134,8 +134,23 @@ impl Upstreams {
             let endpoint = &pool.endpoints[index];
             let guard = InFlight::start(pool, index);
             endpoint.metrics.picks.increment(1);
+            // The last possible attempt takes the headers; earlier ones send a copy.
+            let last = attempts > pool.retries as usize || attempts >= pool.endpoints.len();
+            let attempt_headers = if last {
+                std::mem::take(&mut headers)
+            } else {
+                headers.clone()
+            };
             let outcome = self
-                .attempt(pool, endpoint, path, &headers, &chunks, body.len, deadline)
+                .attempt(
+                    pool,
+                    endpoint,
+                    path,
+                    attempt_headers,
+                    &chunks,
+                    body.len,
+                    deadline,
+                )
                 .await;
             match outcome {
                 Attempt::Answered(response) => {
@@ -181,7 +196,7 @@ impl Upstreams {
         pool: &Pool,
         endpoint: &Endpoint,
         path: &'static str,
-        headers: &HeaderMap,
+        headers: HeaderMap,
         chunks: &Arc<[Bytes]>,
         len: usize,
         deadline: Instant,
@@ -200,7 +215,7 @@ impl Upstreams {
         let mut req = Request::new(ChunksBody::new(Arc::clone(chunks), len));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = uri;
-        *req.headers_mut() = headers.clone();
+        *req.headers_mut() = headers;
         if let Some(auth) = &pool.authorization {
             req.headers_mut()
                 .insert(header::AUTHORIZATION, auth.clone());
