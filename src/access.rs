@@ -31,7 +31,8 @@ pub struct Access {
     pub slug: Option<Slug>,
     pub key: Option<KeyPrefix>,
     pub status: u16,
-    /// `ok`, `upstream` (the backend's own error status passed through), or the edge's code.
+    /// `ok`, `upstream` (the backend's own error status passed through), the edge's code, or
+    /// `client_closed` (status 499) when the client went away before a response existed.
     pub code: &'static str,
     pub endpoint: Option<Arc<str>>,
     pub ttfb: Option<Duration>,
@@ -44,15 +45,16 @@ pub struct Access {
 }
 
 impl Access {
-    /// A record for a request whose head just arrived.
+    /// A record for a request whose head just arrived. Until a response exists it describes a
+    /// client that went away first (499, as nginx logs it).
     pub fn begin(request_id: HeaderValue, log: bool) -> Access {
         Access {
             start: Instant::now(),
             request_id,
             slug: None,
             key: None,
-            status: 0,
-            code: "ok",
+            status: CLIENT_CLOSED,
+            code: "client_closed",
             endpoint: None,
             ttfb: None,
             bytes: 0,
@@ -68,6 +70,9 @@ impl Access {
         self.start.elapsed()
     }
 }
+
+/// The status logged for a request whose client went away before it was answered.
+pub const CLIENT_CLOSED: u16 = 499;
 
 fn class(status: u16) -> &'static str {
     match status {

@@ -122,8 +122,13 @@ pub async fn handle(edge: &Edge, conn: &ConnInfo, req: Request<Incoming>) -> Res
         }
     };
     access.status = response.status().as_u16();
-    if access.code == "ok" && access.status >= 400 {
-        access.code = "upstream";
+    if access.code == "client_closed" {
+        // No error of the edge's own: a success, or the backend's error passed through.
+        access.code = if access.status >= 400 {
+            "upstream"
+        } else {
+            "ok"
+        };
     }
     let headers = response.headers_mut();
     if let Some(quota) = access.quota {

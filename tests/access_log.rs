@@ -76,15 +76,41 @@ async fn one_json_line_per_request_without_keys() {
     .await;
     assert_eq!(bad.status, 401);
 
-    let mut lines = Vec::new();
+    // A client that leaves before the backend answers is logged as 499 client_closed.
+    let body = chat("x", false);
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: open.arkor.app\r\nx-mock: hang\r\n\
+         x-request-id: log-gone\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
+        .await
+        .unwrap();
     for _ in 0..100 {
+        if backend.seen().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(s);
+
+    let mut lines = Vec::new();
+    for _ in 0..200 {
         lines = access_lines(&captured);
-        if lines.len() >= 2 {
+        if lines.len() >= 3 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let gone = lines
+        .iter()
+        .find(|l| l["request_id"] == "log-gone")
+        .unwrap();
+    assert_eq!(gone["status"], 499);
+    assert_eq!(gone["code"], "client_closed");
+    assert_eq!(gone["slug"], "open");
     let ok_line = lines.iter().find(|l| l["request_id"] == "log-ok").unwrap();
     assert_eq!(ok_line["slug"], "keyed");
     assert_eq!(ok_line["key"], &KEYED_KEY[..12]);
