@@ -10,7 +10,6 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::Method;
 use support::backend::Backend;
 use support::*;
 
@@ -48,30 +47,24 @@ async fn one_json_line_per_request_without_keys() {
 
     let backend = Backend::start().await;
     let edge = TestEdge::start(&[backend.url()], "").await;
-    let ok = send(
+    let ok = post_chat(
         edge.addr,
-        Method::POST,
         "keyed.arkor.app",
-        "/v1/chat/completions",
         &[
             ("authorization", &bearer(KEYED_KEY)),
             ("x-request-id", "log-ok"),
         ],
-        chat("x", false),
     )
     .await;
     assert_eq!(ok.status, 200);
     let wrong = "ark_live_wrongwrongwrongwrongwrong77";
-    let bad = send(
+    let bad = post_chat(
         edge.addr,
-        Method::POST,
         "keyed.arkor.app",
-        "/v1/chat/completions",
         &[
             ("authorization", &bearer(wrong)),
             ("x-request-id", "log-bad"),
         ],
-        chat("x", false),
     )
     .await;
     assert_eq!(bad.status, 401);

@@ -33,13 +33,10 @@ fn revoke(revision: u64) -> serde_json::Value {
 }
 
 async fn keyed_status(edge: &TestEdge) -> u16 {
-    send(
+    post_chat(
         edge.addr,
-        Method::POST,
         "keyed.arkor.app",
-        "/v1/chat/completions",
         &[("authorization", &bearer(KEYED_KEY))],
-        chat("x", false),
     )
     .await
     .status
@@ -259,15 +256,7 @@ async fn a_restart_serves_the_persisted_state_when_the_source_is_gone() {
         401,
         "the pushed revocation was lost"
     );
-    let a = send(
-        edge.addr,
-        Method::POST,
-        "open.arkor.app",
-        "/v1/chat/completions",
-        &[],
-        chat("x", false),
-    )
-    .await;
+    let a = post_chat(edge.addr, "open.arkor.app", &[]).await;
     assert_eq!(a.status, 200);
     edge.stop().await;
 }

@@ -206,13 +206,10 @@ async fn keys_are_checked_against_this_deployment() {
 #[tokio::test]
 async fn open_deployments_ignore_and_drop_authorization() {
     let (edge, backend) = edge().await;
-    let a = send(
+    let a = post_chat(
         edge.addr,
-        Method::POST,
         "open.arkor.app",
-        "/v1/chat/completions",
         &[("authorization", "Bearer whatever")],
-        chat("x", false),
     )
     .await;
     assert_eq!(a.status, 200);
@@ -322,13 +319,10 @@ async fn error_envelope_is_openai_shaped() {
 #[tokio::test]
 async fn request_id_in_and_out() {
     let (edge, backend) = edge().await;
-    let a = send(
+    let a = post_chat(
         edge.addr,
-        Method::POST,
         "open.arkor.app",
-        "/v1/chat/completions",
         &[("x-request-id", "client-chosen-42")],
-        chat("x", false),
     )
     .await;
     assert_eq!(a.headers["x-request-id"], "client-chosen-42");
@@ -338,15 +332,7 @@ async fn request_id_in_and_out() {
     );
 
     let long = "x".repeat(129);
-    let a = send(
-        edge.addr,
-        Method::POST,
-        "open.arkor.app",
-        "/v1/chat/completions",
-        &[("x-request-id", &long)],
-        chat("x", false),
-    )
-    .await;
+    let a = post_chat(edge.addr, "open.arkor.app", &[("x-request-id", &long)]).await;
     let id = a.headers["x-request-id"].to_str().unwrap().to_owned();
     assert!(id.starts_with("req_") && id.len() == 36, "{id}");
     assert_eq!(backend.seen()[1].headers["x-request-id"], id.as_str());
@@ -373,13 +359,10 @@ async fn request_id_in_and_out() {
 #[tokio::test]
 async fn snapshot_file_changes_are_served() {
     let (edge, backend) = edge().await;
-    let a = send(
+    let a = post_chat(
         edge.addr,
-        Method::POST,
         "keyed.arkor.app",
-        "/v1/chat/completions",
         &[("authorization", &bearer(KEYED_KEY))],
-        chat("x", false),
     )
     .await;
     assert_eq!(a.status, 200);
@@ -395,13 +378,10 @@ async fn snapshot_file_changes_are_served() {
     let mut revoked = false;
     let mut served_before = 0;
     for _ in 0..200 {
-        let a = send(
+        let a = post_chat(
             edge.addr,
-            Method::POST,
             "keyed.arkor.app",
-            "/v1/chat/completions",
             &[("authorization", &bearer(KEYED_KEY))],
-            chat("x", false),
         )
         .await;
         if a.status == 401 {

@@ -365,15 +365,7 @@ async fn refused_connections_are_retried_on_another_endpoint() {
 #[tokio::test]
 async fn a_model_no_pool_serves_is_503() {
     let (edge, backend) = edge_with("").await;
-    let a = send(
-        edge.addr,
-        Method::POST,
-        "nopool.arkor.app",
-        "/v1/chat/completions",
-        &[],
-        chat("x", false),
-    )
-    .await;
+    let a = post_chat(edge.addr, "nopool.arkor.app", &[]).await;
     assert_eq!(
         (a.status.as_u16(), a.code().as_str()),
         (503, "upstream_unavailable")
@@ -517,13 +509,10 @@ async fn the_pool_sends_its_own_credential_never_the_clients() {
     let edge = TestEdge::start_pool(&[backend.url()], "api_key = \"backend-secret\"", "").await;
     let a = post_keyed(&edge, &[], chat("x", false)).await;
     assert_eq!(a.status, 200);
-    let a = send(
+    let a = post_chat(
         edge.addr,
-        Method::POST,
         "open.arkor.app",
-        "/v1/chat/completions",
         &[("authorization", "Bearer client-value")],
-        chat("x", false),
     )
     .await;
     assert_eq!(a.status, 200);

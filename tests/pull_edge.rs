@@ -208,15 +208,7 @@ async fn a_restart_with_the_control_plane_down_serves_the_persisted_state() {
     let ready = edge.admin(Method::GET, "/readyz", None, "").await;
     assert_eq!(ready.status, 200, "persisted state not loaded");
     assert_eq!(keyed_status(&edge).await, 401);
-    let a = send(
-        edge.addr,
-        Method::POST,
-        "open.arkor.app",
-        "/v1/chat/completions",
-        &[],
-        chat("x", false),
-    )
-    .await;
+    let a = post_chat(edge.addr, "open.arkor.app", &[]).await;
     assert_eq!(a.status, 200, "not serving while the control plane is down");
 
     // The control plane comes back: the edge resumes from its revision, no snapshot needed.
@@ -310,15 +302,7 @@ async fn usage_reports_match_the_requests_made() {
     // A refused body still counts as a proxied request, with no tokens.
     assert_eq!(keyed("", "[]".to_owned()).await.status, 400);
     // A public deployment: no key.
-    let a = send(
-        edge.addr,
-        Method::POST,
-        "open.arkor.app",
-        "/v1/chat/completions",
-        &[],
-        chat("x", false),
-    )
-    .await;
+    let a = post_chat(edge.addr, "open.arkor.app", &[]).await;
     assert_eq!(a.status, 200);
     // Not proxied: never counted.
     assert_eq!(
@@ -384,15 +368,7 @@ async fn a_failed_usage_post_is_kept_for_the_next_report() {
     let toml = pull_toml(&backend, &cp, "[usage]\nreport_interval = \"100ms\"\n");
     let edge = TestEdge::launch(tempfile::tempdir().unwrap(), &toml).await;
     for _ in 0..3 {
-        let a = send(
-            edge.addr,
-            Method::POST,
-            "open.arkor.app",
-            "/v1/chat/completions",
-            &[],
-            chat("x", false),
-        )
-        .await;
+        let a = post_chat(edge.addr, "open.arkor.app", &[]).await;
         assert_eq!(a.status, 200);
     }
     assert!(

@@ -51,13 +51,10 @@ async fn buckets_per_key_and_per_public_deployment() {
             .contains("x-ratelimit-remaining-requests")
     );
     // Proxied requests draw from the same bucket.
-    let a = send(
+    let a = post_chat(
         edge.addr,
-        Method::POST,
         "keyed.arkor.app",
-        "/v1/chat/completions",
         &[("authorization", &bearer(KEYED_KEY))],
-        chat("x", false),
     )
     .await;
     assert_eq!(a.status, 429);

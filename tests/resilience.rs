@@ -59,15 +59,7 @@ async fn metric(edge: &TestEdge, line_start: &str) -> f64 {
 }
 
 async fn post(edge: &TestEdge, slug: &str, mock: &str) -> Answer {
-    send(
-        edge.addr,
-        Method::POST,
-        &format!("{slug}.arkor.app"),
-        "/v1/chat/completions",
-        &[("x-mock", mock)],
-        chat("x", false),
-    )
-    .await
+    post_chat(edge.addr, &format!("{slug}.arkor.app"), &[("x-mock", mock)]).await
 }
 
 #[tokio::test]

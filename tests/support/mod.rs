@@ -250,6 +250,19 @@ pub async fn send(
     }
 }
 
+/// `POST /v1/chat/completions` with a non-streamed chat body.
+pub async fn post_chat(addr: SocketAddr, host: &str, headers: &[(&str, &str)]) -> Answer {
+    send(
+        addr,
+        Method::POST,
+        host,
+        "/v1/chat/completions",
+        headers,
+        chat("x", false),
+    )
+    .await
+}
+
 /// A chat completion body.
 pub fn chat(model: &str, stream: bool) -> String {
     json!({"model": model, "stream": stream,
