@@ -15,13 +15,8 @@ conns="${2:-32}"
 
 mock_port=19100
 edge_port=18080
-key="ark_live_benchbenchbenchbenchbench0001"
-hash=$(printf %s "$key" | sha256sum | cut -d' ' -f1)
-cat > "$work/deployments.json" <<JSON
-{"revision":1,"deployments":[{"id":"d-bench","slug":"bench","enabled":true,"authMode":"fixed_api_key",
- "target":{"type":"adapter","jobId":"job-bench","checkpointStep":1,"baseModel":"bench/model"},"revision":1}],
- "keys":[{"id":"k-bench","deploymentId":"d-bench","sha256":"$hash","enabled":true,"revision":1}]}
-JSON
+. benches/bench-deployment.sh
+write_bench_deployment "$work"
 cat > "$work/edge.toml" <<TOML
 state_dir = "state"
 [log]

@@ -109,13 +109,8 @@ run() { # OUT COMMAND...: in the background, so that the exit trap can stop it a
   openssl verify -CAfile ca.pem wildcard.pem
 ) >/dev/null 2>&1 || { echo "tls-load: openssl could not make the certificates" >&2; exit 1; }
 
-key="ark_live_benchbenchbenchbenchbench0001"
-hash=$(printf %s "$key" | sha256sum | cut -d' ' -f1)
-cat > "$work/deployments.json" <<JSON
-{"revision":1,"deployments":[{"id":"d-bench","slug":"bench","enabled":true,"authMode":"fixed_api_key",
- "target":{"type":"adapter","jobId":"job-bench","checkpointStep":1,"baseModel":"bench/model"},"revision":1}],
- "keys":[{"id":"k-bench","deploymentId":"d-bench","sha256":"$hash","enabled":true,"revision":1}]}
-JSON
+. benches/bench-deployment.sh
+write_bench_deployment "$work"
 cat > "$work/edge.toml" <<TOML
 state_dir = "state"
 [listen]
