@@ -136,8 +136,15 @@ mod tests {
         for i in 2..50 {
             registry.apply_json_event(&event(i, &format!("s{i}")));
         }
-        tokio::time::sleep(COALESCE * 3).await;
-        assert!(state.join(STATE_FILE).exists(), "state file written");
+        // The write itself (fsync) can take long on a busy machine: wait for it, bounded.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !state.join(STATE_FILE).exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "state file not written"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
 
         stop.cancel();
         let writes = task.await.unwrap();
