@@ -154,6 +154,8 @@ pub struct Registry {
     pools: Arc<Pools>,
     /// Signalled after every change, for the persister (a stored permit coalesces bursts).
     changed: tokio::sync::Notify,
+    /// Counts changes, so the persister can tell whether the state moved since it last wrote.
+    generation: AtomicU64,
 }
 
 /// An event validated against the pools, ready to apply.
@@ -184,12 +186,23 @@ impl Registry {
             key_count: AtomicUsize::new(0),
             pools,
             changed: tokio::sync::Notify::new(),
+            generation: AtomicU64::new(0),
         }
     }
 
     /// Waits until the state changes after the last wait (changes in between coalesce).
     pub async fn changed(&self) {
         self.changed.notified().await;
+    }
+
+    /// How many changes were applied so far (grows with every change; for the persister).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn signal_change(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_one();
     }
 
     /// The deployment served at `slug`, enabled or not. Lock-free.
@@ -312,7 +325,7 @@ impl Registry {
             self.bump_revision(revision);
         }
         if *outcome == Applied::Changed {
-            self.changed.notify_one();
+            self.signal_change();
         }
     }
 
@@ -410,7 +423,7 @@ impl Registry {
         self.bump_revision(doc.revision);
         self.loaded.store(true, Ordering::Release);
         if report.changed + report.removed > 0 {
-            self.changed.notify_one();
+            self.signal_change();
         }
         Ok(report)
     }
