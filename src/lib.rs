@@ -17,6 +17,8 @@
 //! registry). [`start`] wires everything on already-chosen addresses, so tests run the whole edge
 //! on port 0.
 
+#![forbid(unsafe_code)]
+
 pub mod access;
 pub mod admin;
 pub mod auth;

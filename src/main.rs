@@ -1,6 +1,8 @@
 //! `arkor-edge [--config PATH]`: load the config (exit 64 listing every bad setting), serve until
 //! SIGTERM or SIGINT, then drain.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
