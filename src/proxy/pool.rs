@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::config::PoolConfig;
 use crate::error::EdgeError;
 use crate::metrics as m;
+use crate::proxy::adapters::{AdapterLoads, AdapterSources};
 use crate::proxy::balance::{BalanceConfig, Balancer, RetryBudget};
 use crate::proxy::client::PoolClient;
 
@@ -193,6 +194,8 @@ pub struct Pool {
     pub balancer: Arc<Balancer>,
     /// Bounds retries to a share of requests.
     pub budget: RetryBudget,
+    /// Run-time adapter loading (`load_adapters = true`, vLLM pools), if configured.
+    pub loads: Option<AdapterLoads>,
     /// Active health check path, if configured.
     pub health_path: Option<String>,
     /// How often the health check runs.
@@ -278,6 +281,20 @@ impl Pools {
                 max_ejected_share: p.max_ejected_share,
                 ..BalanceConfig::default()
             };
+            let loads = match (&p.adapter_source, p.load_adapters) {
+                (Some(source), true) => {
+                    let sources = AdapterSources::parse(source, p.final_adapter_source.as_deref())
+                        .map_err(|(field, why)| format!("pool {}: {field}: {why}", p.name))?;
+                    Some(AdapterLoads::new(
+                        &p.name,
+                        sources,
+                        endpoints.len(),
+                        p.load_timeout,
+                        p.max_loaded_adapters,
+                    ))
+                }
+                _ => None,
+            };
             let name = p.name.clone();
             let pool = Arc::new(Pool {
                 name: p.name.as_str().into(),
@@ -289,6 +306,7 @@ impl Pools {
                 client: PoolClient::new(connect, p.max_idle_per_endpoint, p.idle_timeout),
                 authorization,
                 budget: RetryBudget::new(RETRY_RATIO, RETRY_FLOOR_PER_SECOND, RETRY_WINDOW),
+                loads,
                 health_path: p.health_path.clone(),
                 health_interval: p.health_interval,
                 metrics: PoolMetrics {
@@ -373,6 +391,7 @@ mod tests {
             authorization: None,
             balancer: Arc::new(Balancer::new(endpoints.len(), BalanceConfig::default())),
             budget: RetryBudget::new(RETRY_RATIO, RETRY_FLOOR_PER_SECOND, RETRY_WINDOW),
+            loads: None,
             health_path: None,
             health_interval: Duration::from_secs(10),
             metrics: PoolMetrics {
