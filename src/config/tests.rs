@@ -236,6 +236,18 @@ fn llamacpp_needs_its_adapter_map() {
 }
 
 #[test]
+fn sglang_base_models_hold_no_colon() {
+    let pool = |model: &str| {
+        format!(
+            "[[pools]]\nname = \"p\"\nbase_models = [\"{model}\"]\nendpoints = [\"http://127.0.0.1:1\"]\nflavor = \"sglang\"\n"
+        )
+    };
+    assert!(parse(&pool("meta-llama/Llama-2-7b-hf")).is_ok());
+    let e = parse(&pool("llama3:8b")).unwrap_err().to_string();
+    assert!(e.contains("pools[0].base_models: \"llama3:8b\""), "{e}");
+}
+
+#[test]
 fn adapter_loading_is_for_vllm_pools_with_a_source() {
     let base =
         "[[pools]]\nname = \"p\"\nbase_models = [\"m\"]\nendpoints = [\"http://127.0.0.1:1\"]\n";

@@ -237,6 +237,12 @@ impl Config {
                 if !models.insert(m.as_str()) {
                     problems.push(format!("{at}.base_models: {m:?} is served by another pool"));
                 }
+                if pool.flavor == Flavor::Sglang && m.contains(':') {
+                    problems.push(format!(
+                        "{at}.base_models: {m:?}: SGLang reads a `model` with a colon as \
+                         base:adapter, so an sglang pool's base models cannot hold one"
+                    ));
+                }
             }
             if pool.endpoints.is_empty() {
                 problems.push(format!("{at}.endpoints: must name at least one endpoint"));

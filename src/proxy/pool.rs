@@ -26,7 +26,8 @@ pub enum Flavor {
     OpenAi,
     /// vLLM: `model` is the LoRA module name or the base model.
     Vllm,
-    /// SGLang: `model`, and a `lora_path` member that the edge removes.
+    /// SGLang: `model` names the base model and `lora_path` the adapter (its `--lora-paths`
+    /// name), both set by the edge.
     Sglang,
     /// llama.cpp `llama-server`: a `lora` array of adapter ids and scales.
     #[serde(rename = "llamacpp")]
@@ -211,10 +212,27 @@ pub const RETRY_FLOOR_PER_SECOND: u32 = 10;
 pub const RETRY_WINDOW: Duration = Duration::from_secs(10);
 
 impl Pool {
-    /// The members the edge writes into the body for `target_id`, e.g. `"model":"job-1"`.
-    /// Fails when the pool cannot express the target (a llama.cpp adapter missing from the map).
-    pub fn render_members(&self, target_id: &str, is_adapter: bool) -> Result<Bytes, EdgeError> {
+    /// The members the edge writes into the body for `target_id` (an adapter of `base_model`
+    /// when `is_adapter`), e.g. `"model":"job-1"`. Fails when the pool cannot express the
+    /// target (a llama.cpp adapter missing from the map).
+    pub fn render_members(
+        &self,
+        target_id: &str,
+        base_model: &str,
+        is_adapter: bool,
+    ) -> Result<Bytes, EdgeError> {
         let mut out = String::from("\"model\":");
+        if self.flavor == Flavor::Sglang {
+            // SGLang checks `model` against the model it serves (a `base:adapter` spelling
+            // selects an adapter, so base names must not hold a colon: config refuses them) and
+            // takes the adapter from `lora_path`; with no `lora_path` it serves the base.
+            out.push_str(&serde_json::Value::from(base_model).to_string());
+            if is_adapter {
+                out.push_str(",\"lora_path\":");
+                out.push_str(&serde_json::Value::from(target_id).to_string());
+            }
+            return Ok(Bytes::from(out));
+        }
         out.push_str(&serde_json::Value::from(target_id).to_string());
         if self.flavor == Flavor::LlamaCpp {
             let chosen = if is_adapter {
@@ -414,19 +432,31 @@ mod tests {
     fn members_per_flavour() {
         let p = pool(&["http://h:1"], 0, Flavor::Vllm);
         assert_eq!(
-            p.render_members("job \"x\"", true).unwrap(),
+            p.render_members("job \"x\"", "b/m", true).unwrap(),
             r#""model":"job \"x\"""#
         );
         let l = pool(&["http://h:1"], 0, Flavor::LlamaCpp);
         assert_eq!(
-            l.render_members("job-b:step-5", true).unwrap(),
+            l.render_members("job-b:step-5", "b/m", true).unwrap(),
             r#""model":"job-b:step-5","lora":[{"id":0,"scale":0.0},{"id":1,"scale":1.0}]"#
         );
         assert_eq!(
-            l.render_members("base/model", false).unwrap(),
+            l.render_members("base/model", "base/model", false).unwrap(),
             r#""model":"base/model","lora":[{"id":0,"scale":0.0},{"id":1,"scale":0.0}]"#
         );
-        assert_eq!(l.render_members("job-c", true), Err(EdgeError::NoPool));
+        assert_eq!(
+            l.render_members("job-c", "b/m", true),
+            Err(EdgeError::NoPool)
+        );
+        let s = pool(&["http://h:1"], 0, Flavor::Sglang);
+        assert_eq!(
+            s.render_members("job-b:step-5", "b/m", true).unwrap(),
+            r#""model":"b/m","lora_path":"job-b:step-5""#
+        );
+        assert_eq!(
+            s.render_members("b/m", "b/m", false).unwrap(),
+            r#""model":"b/m""#
+        );
         assert_eq!(Flavor::Sglang.owned_members(), ["model", "lora_path"]);
     }
 }

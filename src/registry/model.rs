@@ -187,7 +187,7 @@ fn upstream(pool: &Arc<Pool>, target: &TargetDoc, target_id: &str) -> Result<Ups
         } => Some((job_id, *checkpoint_step)),
         TargetDoc::BaseModel { .. } => None,
     };
-    let members = pool.render_members(target_id, adapter.is_some())?;
+    let members = pool.render_members(target_id, target.base_model(), adapter.is_some())?;
     let affinity = adapter.map(|_| Arc::<str>::from(target_id));
     let load = match (adapter, &affinity, &pool.loads) {
         (Some((job_id, step)), Some(id), Some(loads)) => {
