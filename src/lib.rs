@@ -9,7 +9,7 @@
 //! | [`host`] | `Host` / `:authority` → [`host::Slug`] |
 //! | [`auth`] | Bearer parsing, [`auth::KeyHash`] (SHA-256), redacted prefixes |
 //! | [`registry`] | deployments by slug and keys by hash; one writer, lock-free readers |
-//! | [`proxy`] | pools, model pinning ([`proxy::pin`]), the upstream client, `builtin:echo` |
+//! | [`proxy`] | pools, model pinning ([`proxy::pin`]), vLLM adapter loads ([`proxy::adapters`]), the upstream client, `builtin:echo` |
 //! | [`stream`] | body limits, pass-through with idle timeout, terminal SSE error event |
 //! | [`error`] | [`error::EdgeError`]: every failure's status, code and OpenAI envelope |
 //!

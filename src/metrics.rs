@@ -49,6 +49,11 @@ pub const ENDPOINT_CHUNK_GAP: &str = "arkor_edge_endpoint_chunk_gap_seconds";
 pub const POOL_RETRIES: &str = "arkor_edge_pool_retries_total";
 /// Retries refused because the pool's retry budget was spent.
 pub const POOL_BUDGET_EXHAUSTED: &str = "arkor_edge_pool_retry_budget_exhausted_total";
+/// Run-time adapter loads on vLLM pools, by `pool` and `result` (`loaded`, `already_loaded`,
+/// `rejected` (4xx), `failed` (5xx or a broken connection), `unreachable`, `timeout`).
+pub const ADAPTER_LOADS: &str = "arkor_edge_adapter_loads_total";
+/// Time of one adapter load call, per pool, seconds.
+pub const ADAPTER_LOAD_SECONDS: &str = "arkor_edge_adapter_load_seconds";
 
 /// The process-wide Prometheus recorder (installed on first use; later calls share it).
 pub fn handle() -> PrometheusHandle {
@@ -126,5 +131,14 @@ fn describe() {
     describe_counter!(
         USAGE_REPORTS,
         "Usage reports posted to the control plane, by result."
+    );
+    describe_counter!(
+        ADAPTER_LOADS,
+        "Run-time adapter loads on vLLM pools, by pool and result."
+    );
+    describe_histogram!(
+        ADAPTER_LOAD_SECONDS,
+        Unit::Seconds,
+        "Time of one adapter load call, per pool."
     );
 }

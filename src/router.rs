@@ -288,7 +288,14 @@ async fn forward(
     let affinity = upstream.affinity.as_deref();
     let reply = edge
         .upstreams
-        .send(&upstream.pool, affinity, path, headers, pinned)
+        .send(
+            &upstream.pool,
+            affinity,
+            upstream.load.as_deref(),
+            path,
+            headers,
+            pinned,
+        )
         .await?;
     let ttfb = sent.elapsed();
     metrics::histogram!(crate::metrics::UPSTREAM_TTFB).record(ttfb.as_secs_f64());

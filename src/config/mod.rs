@@ -326,6 +326,25 @@ pub struct PoolConfig {
     /// `llamacpp` only: target id → adapter id (load order of `--lora`).
     #[serde(default)]
     pub adapters: std::collections::BTreeMap<String, u32>,
+    /// `vllm` only: load an adapter target on an endpoint (`POST /v1/load_lora_adapter`) the
+    /// first time a request for it is routed there. Needs `adapter_source`.
+    #[serde(default)]
+    pub load_adapters: bool,
+    /// With `load_adapters`: where the server finds a checkpoint adapter (`lora_path`), a
+    /// template over `{job_id}`, `{step}` and `{target_id}`.
+    #[serde(default)]
+    pub adapter_source: Option<String>,
+    /// With `load_adapters`: the template for final adapters (no step); defaults to
+    /// `adapter_source`, and is required when that one uses `{step}`.
+    #[serde(default)]
+    pub final_adapter_source: Option<String>,
+    /// With `load_adapters`: longest wait for one load (also bounded by
+    /// `timeouts.upstream_first_byte`).
+    #[serde(default = "default_load_timeout", with = "humantime_serde")]
+    pub load_timeout: Duration,
+    /// With `load_adapters`: most adapters remembered as loaded per endpoint.
+    #[serde(default = "default_max_loaded_adapters")]
+    pub max_loaded_adapters: usize,
     /// The backend's own credential, sent as `Authorization: Bearer …` (or `api_key_file`,
     /// or `api_key_env`).
     #[serde(default)]
@@ -394,6 +413,14 @@ fn default_ejection_time() -> Duration {
 
 fn default_max_ejected_share() -> f64 {
     0.5
+}
+
+fn default_load_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_max_loaded_adapters() -> usize {
+    4096
 }
 
 /// `[limits]`.

@@ -234,3 +234,64 @@ fn llamacpp_needs_its_adapter_map() {
         .to_string();
     assert!(e.contains("only a llamacpp pool"), "{e}");
 }
+
+#[test]
+fn sglang_base_models_hold_no_colon() {
+    let pool = |model: &str| {
+        format!(
+            "[[pools]]\nname = \"p\"\nbase_models = [\"{model}\"]\nendpoints = [\"http://127.0.0.1:1\"]\nflavor = \"sglang\"\n"
+        )
+    };
+    assert!(parse(&pool("meta-llama/Llama-2-7b-hf")).is_ok());
+    let e = parse(&pool("llama3:8b")).unwrap_err().to_string();
+    assert!(e.contains("pools[0].base_models: \"llama3:8b\""), "{e}");
+}
+
+#[test]
+fn adapter_loading_is_for_vllm_pools_with_a_source() {
+    let base =
+        "[[pools]]\nname = \"p\"\nbase_models = [\"m\"]\nendpoints = [\"http://127.0.0.1:1\"]\n";
+    let ok = parse(&format!(
+        "{base}flavor = \"vllm\"\nload_adapters = true\nadapter_source = \"/m/{{job_id}}/checkpoint-{{step}}\"\nfinal_adapter_source = \"/m/{{job_id}}/final\"\n"
+    ))
+    .unwrap();
+    let p = &ok.pools[0];
+    assert!(p.load_adapters);
+    assert_eq!(p.load_timeout, Duration::from_secs(30));
+    assert_eq!(p.max_loaded_adapters, 4096);
+    let defaults = parse(base).unwrap();
+    assert!(!defaults.pools[0].load_adapters);
+    for (extra, field) in [
+        (
+            "flavor = \"sglang\"\nload_adapters = true\nadapter_source = \"/m/{job_id}\"\n",
+            "pools[0].load_adapters: only a vllm pool",
+        ),
+        (
+            "flavor = \"vllm\"\nload_adapters = true\n",
+            "pools[0].adapter_source: load_adapters needs",
+        ),
+        (
+            "flavor = \"vllm\"\nadapter_source = \"/m/{job_id}\"\n",
+            "pools[0].adapter_source: only used with load_adapters",
+        ),
+        (
+            "flavor = \"vllm\"\nload_adapters = true\nadapter_source = \"/m/{jobid}\"\n",
+            "pools[0].adapter_source: \"/m/{jobid}\": unknown placeholder {jobid}",
+        ),
+        (
+            "flavor = \"vllm\"\nload_adapters = true\nadapter_source = \"/m/{job_id}/{step}\"\n",
+            "pools[0].final_adapter_source: adapter_source uses {step}",
+        ),
+        (
+            "flavor = \"vllm\"\nload_adapters = true\nadapter_source = \"/m/{job_id}\"\nload_timeout = \"0s\"\nmax_loaded_adapters = 0\n",
+            "pools[0].load_timeout",
+        ),
+        (
+            "flavor = \"vllm\"\nload_adapters = true\nadapter_source = \"/m/{job_id}\"\nmax_loaded_adapters = 0\n",
+            "pools[0].max_loaded_adapters",
+        ),
+    ] {
+        let e = parse(&format!("{base}{extra}")).unwrap_err().to_string();
+        assert!(e.contains(field), "{field}: {e}");
+    }
+}

@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{Config, ConfigError, Secret};
+use super::{Config, ConfigError, PoolConfig, Secret};
 use crate::host::normalise_base_domain;
+use crate::proxy::adapters::AdapterSources;
 use crate::proxy::pool::{EndpointSpec, Flavor};
 
 impl Config {
@@ -236,6 +237,12 @@ impl Config {
                 if !models.insert(m.as_str()) {
                     problems.push(format!("{at}.base_models: {m:?} is served by another pool"));
                 }
+                if pool.flavor == Flavor::Sglang && m.contains(':') {
+                    problems.push(format!(
+                        "{at}.base_models: {m:?}: SGLang reads a `model` with a colon as \
+                         base:adapter, so an sglang pool's base models cannot hold one"
+                    ));
+                }
             }
             if pool.endpoints.is_empty() {
                 problems.push(format!("{at}.endpoints: must name at least one endpoint"));
@@ -259,7 +266,49 @@ impl Config {
                     "{at}.adapters: only a llamacpp pool takes adapters"
                 ));
             }
+            check_adapter_loading(&at, pool, problems);
         }
+    }
+}
+
+/// `load_adapters` and its settings: vLLM pools only, with a source template that parses.
+fn check_adapter_loading(at: &str, pool: &PoolConfig, problems: &mut Vec<String>) {
+    if !pool.load_adapters {
+        for (field, value) in [
+            ("adapter_source", &pool.adapter_source),
+            ("final_adapter_source", &pool.final_adapter_source),
+        ] {
+            if value.is_some() {
+                problems.push(format!("{at}.{field}: only used with load_adapters = true"));
+            }
+        }
+        return;
+    }
+    if pool.flavor != Flavor::Vllm {
+        problems.push(format!(
+            "{at}.load_adapters: only a vllm pool loads adapters at run time"
+        ));
+    }
+    match &pool.adapter_source {
+        None => problems.push(format!(
+            "{at}.adapter_source: load_adapters needs the template of an adapter's path, \
+             e.g. \"/models/{{job_id}}/checkpoint-{{step}}\""
+        )),
+        Some(source) => {
+            if let Err((field, why)) =
+                AdapterSources::parse(source, pool.final_adapter_source.as_deref())
+            {
+                problems.push(format!("{at}.{field}: {why}"));
+            }
+        }
+    }
+    if pool.load_timeout.is_zero() {
+        problems.push(format!("{at}.load_timeout: must be longer than zero"));
+    }
+    if !(1..=1_000_000).contains(&pool.max_loaded_adapters) {
+        problems.push(format!(
+            "{at}.max_loaded_adapters: must be between 1 and 1000000"
+        ));
     }
 }
 

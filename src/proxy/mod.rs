@@ -1,10 +1,12 @@
 //! The upstream side: pooled clients, the attempt loop, and the headers each way.
 //!
 //! A request is sent to the endpoints of its pool in pick order. It moves on to the next endpoint
-//! only when the connection could not be made (connect refused or timed out), so a backend never
-//! receives the same request twice; every other failure is final. The whole wait for a response
+//! only when the connection could not be made (connect refused or timed out) or the endpoint
+//! could not load the request's adapter (`adapters`), so a backend never receives the same
+//! request twice; every other failure is final. The whole wait for a response
 //! head is bounded by `timeouts.upstream_first_byte`.
 
+pub mod adapters;
 pub mod balance;
 pub mod client;
 pub mod echo;
@@ -19,6 +21,7 @@ use crate::error::EdgeError;
 use crate::headers::{self as h, strip_hop_by_hop};
 use crate::stream::{ChunksBody, EdgeBody, Passthrough, UpstreamBody, UsageScan};
 use crate::usage::scan::{JsonUsageScan, SseUsageScan};
+use adapters::{AdapterLoad, Ensured};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response};
@@ -105,14 +108,17 @@ impl Upstreams {
     }
 
     /// Sends a pinned body to the pool. The balancer picks each attempt's endpoint (sticky for
-    /// `affinity`, an adapter's target id); a further endpoint is tried only while no request
-    /// byte has reached a backend (connect refused or failed), at most `retries` times and within
-    /// the pool's retry budget. Returns the response (head received), the endpoint, and the
-    /// guard that keeps the request counted on that endpoint until the exchange ends.
+    /// `affinity`, an adapter's target id); with `load` (an adapter on a pool that loads them),
+    /// the endpoint first loads the adapter if it has not yet. A further endpoint is tried only
+    /// while no request byte has reached a backend (connect refused or failed, adapter load
+    /// failed), at most `retries` times and within the pool's retry budget. Returns the response
+    /// (head received), the endpoint, and the guard that keeps the request counted on that
+    /// endpoint until the exchange ends.
     pub async fn send<'p>(
         &self,
         pool: &'p Pool,
         affinity: Option<&str>,
+        load: Option<&AdapterLoad>,
         path: &'static str,
         mut headers: HeaderMap,
         body: Pinned,
@@ -134,6 +140,16 @@ impl Upstreams {
             let endpoint = &pool.endpoints[index];
             let guard = InFlight::start(pool, index);
             endpoint.metrics.picks.increment(1);
+            if let Some(load) = load {
+                if !self
+                    .load_step(pool, index, load, deadline, attempts)
+                    .await?
+                {
+                    continue;
+                }
+            }
+            // Time to first byte starts here: a load's wait says nothing of the endpoint's speed.
+            let sent_at = Instant::now();
             // The last possible attempt takes the headers; earlier ones send a copy.
             let last = attempts > pool.retries as usize || attempts >= pool.endpoints.len();
             let attempt_headers = if last {
@@ -154,13 +170,20 @@ impl Upstreams {
                 .await;
             match outcome {
                 Attempt::Answered(response) => {
-                    let ttfb = now.elapsed();
+                    let ttfb = sent_at.elapsed();
                     pool.balancer.observe_latency(index, ttfb, Instant::now());
                     endpoint.metrics.ttfb.record(ttfb.as_secs_f64());
                     if response.status().is_server_error() {
                         self.failed(pool, index, Instant::now());
                     } else {
                         pool.balancer.success(index);
+                    }
+                    if let (Some(load), Some(loads)) = (load, &pool.loads) {
+                        if response.status() == http::StatusCode::NOT_FOUND {
+                            // vLLM no longer knows the adapter (restarted, or unloaded): the
+                            // next request loads it again.
+                            loads.forget(index, &load.target);
+                        }
                     }
                     return Ok(Sent {
                         response,
@@ -170,15 +193,13 @@ impl Upstreams {
                 }
                 Attempt::NotSent => {
                     self.failed(pool, index, Instant::now());
-                    let more = attempts <= pool.retries as usize && attempts < pool.endpoints.len();
-                    if !more {
+                    if let Some(loads) = &pool.loads {
+                        // A refused connect often means a restart, which forgets every adapter.
+                        loads.forget_endpoint(index);
+                    }
+                    if !self.may_retry(pool, attempts) {
                         return Err(EdgeError::UpstreamUnavailable);
                     }
-                    if !pool.budget.withdraw(Instant::now()) {
-                        pool.metrics.budget_exhausted.increment(1);
-                        return Err(EdgeError::UpstreamUnavailable);
-                    }
-                    pool.metrics.retries.increment(1);
                 }
                 Attempt::Failed => {
                     self.failed(pool, index, Instant::now());
@@ -232,6 +253,51 @@ impl Upstreams {
             }
             Err(_) => Attempt::TimedOut,
         }
+    }
+
+    /// Before an attempt on a pool that loads adapters: makes sure endpoint `index` has the
+    /// request's adapter. `Ok(true)`: send; `Ok(false)`: the load failed and another endpoint
+    /// may be tried (nothing was sent); `Err`: no attempt is left, or the deadline passed.
+    async fn load_step(
+        &self,
+        pool: &Pool,
+        index: usize,
+        load: &AdapterLoad,
+        deadline: Instant,
+        attempts: usize,
+    ) -> Result<bool, EdgeError> {
+        let Some(loads) = &pool.loads else {
+            return Ok(true);
+        };
+        match loads.ensure(pool, index, load, deadline).await {
+            Ensured::Ready => Ok(true),
+            Ensured::Failed { unhealthy } => {
+                if unhealthy {
+                    self.failed(pool, index, Instant::now());
+                }
+                if self.may_retry(pool, attempts) {
+                    Ok(false)
+                } else {
+                    Err(EdgeError::UpstreamUnavailable)
+                }
+            }
+            Ensured::PastDeadline => Err(EdgeError::UpstreamTimeout),
+        }
+    }
+
+    /// Whether a request that made `attempts` attempts, none of which sent a byte, may try
+    /// another endpoint: within `retries`, the pool's size and its retry budget.
+    fn may_retry(&self, pool: &Pool, attempts: usize) -> bool {
+        let more = attempts <= pool.retries as usize && attempts < pool.endpoints.len();
+        if !more {
+            return false;
+        }
+        if !pool.budget.withdraw(Instant::now()) {
+            pool.metrics.budget_exhausted.increment(1);
+            return false;
+        }
+        pool.metrics.retries.increment(1);
+        true
     }
 
     fn failed(&self, pool: &Pool, index: usize, now: Instant) {

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::config::PoolConfig;
 use crate::error::EdgeError;
 use crate::metrics as m;
+use crate::proxy::adapters::{AdapterLoads, AdapterSources};
 use crate::proxy::balance::{BalanceConfig, Balancer, RetryBudget};
 use crate::proxy::client::PoolClient;
 
@@ -25,7 +26,8 @@ pub enum Flavor {
     OpenAi,
     /// vLLM: `model` is the LoRA module name or the base model.
     Vllm,
-    /// SGLang: `model`, and a `lora_path` member that the edge removes.
+    /// SGLang: `model` names the base model and `lora_path` the adapter (its `--lora-paths`
+    /// name), both set by the edge.
     Sglang,
     /// llama.cpp `llama-server`: a `lora` array of adapter ids and scales.
     #[serde(rename = "llamacpp")]
@@ -193,6 +195,8 @@ pub struct Pool {
     pub balancer: Arc<Balancer>,
     /// Bounds retries to a share of requests.
     pub budget: RetryBudget,
+    /// Run-time adapter loading (`load_adapters = true`, vLLM pools), if configured.
+    pub loads: Option<AdapterLoads>,
     /// Active health check path, if configured.
     pub health_path: Option<String>,
     /// How often the health check runs.
@@ -208,10 +212,27 @@ pub const RETRY_FLOOR_PER_SECOND: u32 = 10;
 pub const RETRY_WINDOW: Duration = Duration::from_secs(10);
 
 impl Pool {
-    /// The members the edge writes into the body for `target_id`, e.g. `"model":"job-1"`.
-    /// Fails when the pool cannot express the target (a llama.cpp adapter missing from the map).
-    pub fn render_members(&self, target_id: &str, is_adapter: bool) -> Result<Bytes, EdgeError> {
+    /// The members the edge writes into the body for `target_id` (an adapter of `base_model`
+    /// when `is_adapter`), e.g. `"model":"job-1"`. Fails when the pool cannot express the
+    /// target (a llama.cpp adapter missing from the map).
+    pub fn render_members(
+        &self,
+        target_id: &str,
+        base_model: &str,
+        is_adapter: bool,
+    ) -> Result<Bytes, EdgeError> {
         let mut out = String::from("\"model\":");
+        if self.flavor == Flavor::Sglang {
+            // SGLang checks `model` against the model it serves (a `base:adapter` spelling
+            // selects an adapter, so base names must not hold a colon: config refuses them) and
+            // takes the adapter from `lora_path`; with no `lora_path` it serves the base.
+            out.push_str(&serde_json::Value::from(base_model).to_string());
+            if is_adapter {
+                out.push_str(",\"lora_path\":");
+                out.push_str(&serde_json::Value::from(target_id).to_string());
+            }
+            return Ok(Bytes::from(out));
+        }
         out.push_str(&serde_json::Value::from(target_id).to_string());
         if self.flavor == Flavor::LlamaCpp {
             let chosen = if is_adapter {
@@ -278,6 +299,20 @@ impl Pools {
                 max_ejected_share: p.max_ejected_share,
                 ..BalanceConfig::default()
             };
+            let loads = match (&p.adapter_source, p.load_adapters) {
+                (Some(source), true) => {
+                    let sources = AdapterSources::parse(source, p.final_adapter_source.as_deref())
+                        .map_err(|(field, why)| format!("pool {}: {field}: {why}", p.name))?;
+                    Some(AdapterLoads::new(
+                        &p.name,
+                        sources,
+                        endpoints.len(),
+                        p.load_timeout,
+                        p.max_loaded_adapters,
+                    ))
+                }
+                _ => None,
+            };
             let name = p.name.clone();
             let pool = Arc::new(Pool {
                 name: p.name.as_str().into(),
@@ -289,6 +324,7 @@ impl Pools {
                 client: PoolClient::new(connect, p.max_idle_per_endpoint, p.idle_timeout),
                 authorization,
                 budget: RetryBudget::new(RETRY_RATIO, RETRY_FLOOR_PER_SECOND, RETRY_WINDOW),
+                loads,
                 health_path: p.health_path.clone(),
                 health_interval: p.health_interval,
                 metrics: PoolMetrics {
@@ -373,6 +409,7 @@ mod tests {
             authorization: None,
             balancer: Arc::new(Balancer::new(endpoints.len(), BalanceConfig::default())),
             budget: RetryBudget::new(RETRY_RATIO, RETRY_FLOOR_PER_SECOND, RETRY_WINDOW),
+            loads: None,
             health_path: None,
             health_interval: Duration::from_secs(10),
             metrics: PoolMetrics {
@@ -395,19 +432,31 @@ mod tests {
     fn members_per_flavour() {
         let p = pool(&["http://h:1"], 0, Flavor::Vllm);
         assert_eq!(
-            p.render_members("job \"x\"", true).unwrap(),
+            p.render_members("job \"x\"", "b/m", true).unwrap(),
             r#""model":"job \"x\"""#
         );
         let l = pool(&["http://h:1"], 0, Flavor::LlamaCpp);
         assert_eq!(
-            l.render_members("job-b:step-5", true).unwrap(),
+            l.render_members("job-b:step-5", "b/m", true).unwrap(),
             r#""model":"job-b:step-5","lora":[{"id":0,"scale":0.0},{"id":1,"scale":1.0}]"#
         );
         assert_eq!(
-            l.render_members("base/model", false).unwrap(),
+            l.render_members("base/model", "base/model", false).unwrap(),
             r#""model":"base/model","lora":[{"id":0,"scale":0.0},{"id":1,"scale":0.0}]"#
         );
-        assert_eq!(l.render_members("job-c", true), Err(EdgeError::NoPool));
+        assert_eq!(
+            l.render_members("job-c", "b/m", true),
+            Err(EdgeError::NoPool)
+        );
+        let s = pool(&["http://h:1"], 0, Flavor::Sglang);
+        assert_eq!(
+            s.render_members("job-b:step-5", "b/m", true).unwrap(),
+            r#""model":"b/m","lora_path":"job-b:step-5""#
+        );
+        assert_eq!(
+            s.render_members("b/m", "b/m", false).unwrap(),
+            r#""model":"b/m""#
+        );
         assert_eq!(Flavor::Sglang.owned_members(), ["model", "lora_path"]);
     }
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::KeyHash;
 use crate::error::EdgeError;
 use crate::host::Slug;
+use crate::proxy::adapters::AdapterLoad;
 use crate::proxy::pool::{Pool, Pools};
 
 /// How a deployment authenticates requests.
@@ -102,6 +103,10 @@ pub struct Upstream {
     pub members: Bytes,
     /// For adapter targets, the target id: requests stick to the endpoints that hold it.
     pub affinity: Option<Arc<str>>,
+    /// For adapter targets on a pool that loads adapters at run time, the load to run on an
+    /// endpoint before its first request there.
+    /// Boxed: most deployments have none, and it keeps the deployment small.
+    pub load: Option<Box<AdapterLoad>>,
 }
 
 /// A deployment, resolved for the request path.
@@ -146,17 +151,9 @@ impl Deployment {
         if target_id.is_empty() {
             return Err(format!("deployment {}: empty target", doc.id));
         }
-        let is_adapter = matches!(doc.target, TargetDoc::Adapter { .. });
         let upstream = match pools.for_model(doc.target.base_model()) {
             None => Err(EdgeError::NoPool),
-            Some(pool) => pool
-                .render_members(&target_id, is_adapter)
-                .map(|members| Upstream {
-                    pool: Arc::clone(pool),
-                    owned: pool.flavor.owned_members(),
-                    members,
-                    affinity: is_adapter.then(|| Arc::from(target_id.as_str())),
-                }),
+            Some(pool) => upstream(pool, &doc.target, &target_id),
         };
         let models_body = Bytes::from(
             serde_json::json!({
@@ -177,6 +174,34 @@ impl Deployment {
             models_body,
         })
     }
+}
+
+/// How a target is sent to `pool`: the pinned members, the affinity and, for adapters on a pool
+/// that loads them, the load. Fails when the pool cannot express the target.
+fn upstream(pool: &Arc<Pool>, target: &TargetDoc, target_id: &str) -> Result<Upstream, EdgeError> {
+    let adapter = match target {
+        TargetDoc::Adapter {
+            job_id,
+            checkpoint_step,
+            ..
+        } => Some((job_id, *checkpoint_step)),
+        TargetDoc::BaseModel { .. } => None,
+    };
+    let members = pool.render_members(target_id, target.base_model(), adapter.is_some())?;
+    let affinity = adapter.map(|_| Arc::<str>::from(target_id));
+    let load = match (adapter, &affinity, &pool.loads) {
+        (Some((job_id, step)), Some(id), Some(loads)) => {
+            Some(Box::new(loads.request_for(Arc::clone(id), job_id, step)?))
+        }
+        _ => None,
+    };
+    Ok(Upstream {
+        pool: Arc::clone(pool),
+        owned: pool.flavor.owned_members(),
+        members,
+        affinity,
+        load,
+    })
 }
 
 /// An API key, resolved for the request path: never the plaintext.

@@ -17,6 +17,12 @@
 //!
 //! Whenever a response body or a pending answer is dropped before it finished (the edge went
 //! away), `"closed:<x-mock>"` is recorded in [`Backend::events`].
+//!
+//! `POST /v1/load_lora_adapter` answers like vLLM with run-time LoRA updating on: 200 and the
+//! `lora_name` is registered, or 400 "… has already been loaded" when it already is — unless
+//! [`Backend::answer_loads`] set another status, and after [`Backend::delay_loads`]. With
+//! [`Backend::check_models`], a chat request whose `model` is neither the base model nor a
+//! registered adapter is answered 404 like vLLM; [`Backend::forget_adapters`] plays a restart.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -55,6 +61,20 @@ struct Shared {
     seen: Arc<Mutex<Vec<Seen>>>,
     events: Arc<Mutex<Vec<String>>>,
     gate: Arc<Notify>,
+    vllm: Arc<Mutex<Vllm>>,
+}
+
+/// The vLLM-like adapter registry of a backend.
+#[derive(Default)]
+struct Vllm {
+    /// Registered adapter names.
+    loaded: std::collections::BTreeSet<String>,
+    /// A forced answer to load calls: status and body.
+    load_answer: Option<(u16, String)>,
+    /// Pause before answering a load call.
+    load_delay: Duration,
+    /// When set, chat requests must name this base model or a registered adapter.
+    base: Option<String>,
 }
 
 pub struct Backend {
@@ -176,6 +196,52 @@ impl Backend {
         self.shared.events.lock().unwrap().clone()
     }
 
+    /// The load calls received (`POST /v1/load_lora_adapter`).
+    pub fn loads(&self) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.path == "/v1/load_lora_adapter")
+            .collect()
+    }
+
+    /// The chat requests received.
+    pub fn chats(&self) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.path == "/v1/chat/completions")
+            .collect()
+    }
+
+    /// Answers every load call with `status` and `body` (e.g. 500), registering nothing.
+    pub fn answer_loads(&self, status: u16, body: &str) {
+        self.shared.vllm.lock().unwrap().load_answer = Some((status, body.to_owned()));
+    }
+
+    /// Waits `delay` before answering a load call.
+    pub fn delay_loads(&self, delay: Duration) {
+        self.shared.vllm.lock().unwrap().load_delay = delay;
+    }
+
+    /// Registers an adapter as if loaded at start (`--lora-modules`).
+    pub fn preload(&self, name: &str) {
+        self.shared
+            .vllm
+            .lock()
+            .unwrap()
+            .loaded
+            .insert(name.to_owned());
+    }
+
+    /// Answers 404 to chat requests for a model that is neither `base` nor a registered adapter.
+    pub fn check_models(&self, base: &str) {
+        self.shared.vllm.lock().unwrap().base = Some(base.to_owned());
+    }
+
+    /// Forgets every registered adapter, like a restarted server.
+    pub fn forget_adapters(&self) {
+        self.shared.vllm.lock().unwrap().loaded.clear();
+    }
+
     pub fn open_gate(&self) {
         self.shared.gate.notify_one();
     }
@@ -250,10 +316,16 @@ async fn answer(s: Shared, req: Request<Incoming>) -> Response<BoxBody> {
         headers: parts.headers.clone(),
         body: body.clone(),
     });
+    if parts.uri.path() == "/v1/load_lora_adapter" {
+        return load_adapter(&s, &body).await;
+    }
     let model = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v.get("model").cloned())
         .unwrap_or(serde_json::Value::Null);
+    if let Some(unknown) = unknown_model(&s, &model) {
+        return unknown;
+    }
 
     if let Some(n) = mock.strip_prefix("stream:") {
         let n: usize = n.parse().unwrap();
@@ -356,4 +428,51 @@ async fn answer(s: Shared, req: Request<Incoming>) -> Response<BoxBody> {
             r
         }
     }
+}
+
+fn json_response(status: u16, body: String) -> Response<BoxBody> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap();
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    r
+}
+
+/// vLLM's `POST /v1/load_lora_adapter`.
+async fn load_adapter(s: &Shared, body: &[u8]) -> Response<BoxBody> {
+    let delay = s.vllm.lock().unwrap().load_delay;
+    tokio::time::sleep(delay).await;
+    let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let name = request["lora_name"].as_str().unwrap_or("").to_owned();
+    let mut vllm = s.vllm.lock().unwrap();
+    if let Some((status, body)) = vllm.load_answer.clone() {
+        return json_response(status, body);
+    }
+    if !vllm.loaded.insert(name.clone()) {
+        let message = format!(
+            "The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, set 'load_inplace' to True."
+        );
+        let body = serde_json::json!({"error": {"message": message, "type": "InvalidUserInput",
+            "param": null, "code": 400}});
+        return json_response(400, body.to_string());
+    }
+    let mut r = Response::new(full(format!(
+        "Success: LoRA adapter '{name}' added successfully."
+    )));
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// vLLM's answer to a chat request for a model it does not serve, when models are checked.
+fn unknown_model(s: &Shared, model: &serde_json::Value) -> Option<Response<BoxBody>> {
+    let vllm = s.vllm.lock().unwrap();
+    let base = vllm.base.as_deref()?;
+    let name = model.as_str().unwrap_or("");
+    if name == base || vllm.loaded.contains(name) {
+        return None;
+    }
+    let body = serde_json::json!({"error": {"message": format!("The model `{name}` does not exist."),
+        "type": "NotFoundError", "param": "model", "code": 404}});
+    Some(json_response(404, body.to_string()))
 }
