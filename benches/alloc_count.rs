@@ -128,10 +128,9 @@ impl Client {
     async fn connect(addr: SocketAddr) -> Client {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         tcp.set_nodelay(true).unwrap();
-        let (send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                .await
-                .unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
         tokio::spawn(conn);
         Client { send }
     }
@@ -285,8 +284,16 @@ fn main() {
         );
     };
     row("per request (not streamed)", edge_f.request, bare_f.request);
-    row("per streamed request (8 tokens)", edge_f.stream8, bare_f.stream8);
-    row("per streamed request (64 tokens)", edge_f.stream64, bare_f.stream64);
+    row(
+        "per streamed request (8 tokens)",
+        edge_f.stream8,
+        bare_f.stream8,
+    );
+    row(
+        "per streamed request (64 tokens)",
+        edge_f.stream64,
+        bare_f.stream64,
+    );
     row("per streamed chunk", edge_f.chunk(), bare_f.chunk());
     drop(edge);
 }

@@ -19,9 +19,7 @@ fn main() -> std::io::Result<()> {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--listen" => listen = args.next().and_then(|v| v.parse().ok()).unwrap_or(listen),
-            "--upstream" => {
-                upstream = args.next().and_then(|v| v.parse().ok()).unwrap_or(upstream)
-            }
+            "--upstream" => upstream = args.next().and_then(|v| v.parse().ok()).unwrap_or(upstream),
             "--threads" => threads = args.next().and_then(|v| v.parse().ok()).unwrap_or(threads),
             _ => {} // `cargo bench` adds `--bench`
         }

@@ -5,8 +5,8 @@ if ! command -v wrk >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null
 fi
 
-cargo build --release --quiet
-mock=$(cargo bench --no-run --bench mock_backend 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
+cargo build --release --quiet --bins
+mock="${CARGO_TARGET_DIR:-target}/release/arkor-mock-backend"
 [ -x "$mock" ] || { echo "mock backend not built" >&2; exit 1; }
 
 work=$(mktemp -d)

@@ -4,7 +4,7 @@
 #
 #   bash benches/failover.sh [SECONDS]
 #
-# Three mock backends (benches/mock_backend.rs) behind one pool (retries = 2), wrk for SECONDS
+# Three mock backends (arkor-mock-backend) behind one pool (retries = 2), wrk for SECONDS
 # (default 20) at 16 connections, non-streamed; the second backend is killed at a third of the
 # run. Loopback only, bounded. Reads the edge's own metrics from its admin listener.
 set -euo pipefail

@@ -29,7 +29,7 @@ base_models = ["bench/model"]
 endpoints = ["http://127.0.0.1:$mock_port"]
 TOML
 
-"$mock" --listen "127.0.0.1:$mock_port" --chunks 32 >/dev/null &
+"$mock" --listen "127.0.0.1:$mock_port" --tokens 32 >/dev/null &
 pids+=($!)
 RUST_LOG=warn "${CARGO_TARGET_DIR:-target}/release/arkor-edge" --config "$work/edge.toml" &
 pids+=($!)

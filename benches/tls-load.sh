@@ -6,7 +6,7 @@
 #
 # Installs wrk, h2load (nghttp2-client) and openssl from Debian's packages when missing, makes a
 # throwaway CA and a *.arkor.app certificate in a temp dir, and runs the edge (plain and HTTPS
-# listeners) in front of the mock backend (benches/mock_backend.rs). Bounded: seven load phases of
+# listeners) in front of the mock backend (arkor-mock-backend, benches/support/mock.rs). Bounded: seven load phases of
 # SECONDS each (default 10), then two idle phases of at most 10,000 connections (60 s at most
 # each, on a fresh edge each); 127.0.0.1 only. Prints one table, the TLS/plain ratios and, for
 # every phase, the edge's own CPU time per request or connection (from /proc), which stays
@@ -43,11 +43,11 @@ if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$fds" ]; then
   }
 fi
 
-edge=$(cargo build --release --quiet --message-format=json-render-diagnostics |
-  sed -n 's/.*"executable":"\([^"]*\/arkor-edge\)".*/\1/p' | tail -1)
+cargo build --release --quiet --bins
+edge="${CARGO_TARGET_DIR:-target}/release/arkor-edge"
+mock="${CARGO_TARGET_DIR:-target}/release/arkor-mock-backend"
 [ -x "$edge" ] || { echo "arkor-edge not built" >&2; exit 1; }
-benches=$(cargo bench --no-run --bench mock_backend --bench conn_load 2>&1)
-mock=$(echo "$benches" | sed -n 's/.*Executable .*mock_backend.*(\(.*\)).*/\1/p' | tail -1)
+benches=$(cargo bench --no-run --bench conn_load 2>&1)
 client=$(echo "$benches" | sed -n 's/.*Executable .*conn_load.*(\(.*\)).*/\1/p' | tail -1)
 if [ ! -x "$mock" ] || [ ! -x "$client" ]; then
   echo "$benches" >&2
@@ -153,7 +153,7 @@ else
   echo "127.0.0.1 bench.arkor.app $hosts_mark" >> /etc/hosts
 fi
 
-"$mock" --listen "127.0.0.1:$mock_port" --chunks 32 >/dev/null &
+"$mock" --listen "127.0.0.1:$mock_port" --tokens 32 >/dev/null &
 pids+=($!)
 
 post() { # url: one keyed POST, 200 expected

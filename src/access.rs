@@ -87,10 +87,10 @@ fn class(status: u16) -> &'static str {
 impl Drop for Access {
     fn drop(&mut self) {
         let total = self.start.elapsed();
-        metrics::counter!(m::REQUESTS, "class" => class(self.status), "code" => self.code)
-            .increment(1);
-        metrics::histogram!(m::REQUEST_DURATION).record(total.as_secs_f64());
-        metrics::counter!(m::RESPONSE_BYTES).increment(self.bytes);
+        let hot = m::hot();
+        hot.requests(class(self.status), self.code).increment(1);
+        hot.request_duration.record(total.as_secs_f64());
+        hot.response_bytes.increment(self.bytes);
         if let Some(t) = self.usage_target.take() {
             t.sink.record(&t.deployment, t.key.as_deref(), self.usage);
         }

@@ -5,7 +5,8 @@
 
 use std::sync::OnceLock;
 
-use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use dashmap::DashMap;
+use metrics::{Counter, Histogram, Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Requests answered, by `class` (`2xx`…`5xx`) and `code` (the edge's error code, or
@@ -141,4 +142,50 @@ fn describe() {
         Unit::Seconds,
         "Time of one adapter load call, per pool."
     );
+}
+
+/// Handles of the metrics every request records, registered once. `metrics::counter!` with
+/// labels builds its key and looks it up in the recorder on every call, which allocates; a
+/// handle is an `Arc` to the same atomic, so recording through it allocates nothing.
+pub struct Hot {
+    /// [`REQUEST_DURATION`].
+    pub request_duration: Histogram,
+    /// [`RESPONSE_BYTES`].
+    pub response_bytes: Counter,
+    /// [`UPSTREAM_TTFB`].
+    pub upstream_ttfb: Histogram,
+    /// [`USAGE_TOKENS`] `kind="prompt"`.
+    pub prompt_tokens: Counter,
+    /// [`USAGE_TOKENS`] `kind="completion"`.
+    pub completion_tokens: Counter,
+    /// [`REQUESTS`] by (class, code): both static strings from bounded sets.
+    requests: DashMap<(&'static str, &'static str), Counter>,
+}
+
+impl Hot {
+    /// The [`REQUESTS`] counter of one status class and code.
+    pub fn requests(&self, class: &'static str, code: &'static str) -> Counter {
+        if let Some(c) = self.requests.get(&(class, code)) {
+            return c.clone();
+        }
+        let c = metrics::counter!(REQUESTS, "class" => class, "code" => code);
+        self.requests.insert((class, code), c.clone());
+        c
+    }
+}
+
+/// The request path's metric handles (the recorder is installed first, so they are live).
+pub fn hot() -> &'static Hot {
+    static HOT: OnceLock<Hot> = OnceLock::new();
+    HOT.get_or_init(|| {
+        let _ = handle();
+        Hot {
+            request_duration: metrics::histogram!(REQUEST_DURATION),
+            response_bytes: metrics::counter!(RESPONSE_BYTES),
+            upstream_ttfb: metrics::histogram!(UPSTREAM_TTFB),
+            prompt_tokens: metrics::counter!(USAGE_TOKENS, "kind" => "prompt"),
+            completion_tokens: metrics::counter!(USAGE_TOKENS, "kind" => "completion"),
+            requests: DashMap::new(),
+        }
+    })
 }

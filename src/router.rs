@@ -298,7 +298,9 @@ async fn forward(
         )
         .await?;
     let ttfb = sent.elapsed();
-    metrics::histogram!(crate::metrics::UPSTREAM_TTFB).record(ttfb.as_secs_f64());
+    crate::metrics::hot()
+        .upstream_ttfb
+        .record(ttfb.as_secs_f64());
     access.ttfb = Some(ttfb);
     access.endpoint = Some(Arc::clone(&reply.endpoint.label));
     Ok(edge

@@ -44,6 +44,9 @@ pub use rendezvous::rendezvous_weight;
 
 use ewma::PeakEwma;
 
+/// Pools up to this many endpoints are picked from without a heap allocation.
+const INLINE_PICK: usize = 16;
+
 /// Tuning of one pool's [`Balancer`]. [`Default`] gives the values documented on each field.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BalanceConfig {
@@ -172,19 +175,31 @@ impl Balancer {
     pub fn pick(&self, affinity: Option<&str>, exclude: &[usize], now: Instant) -> Option<usize> {
         let at = self.nanos(now);
         // One consistent snapshot: ejections may change while we choose. Pools are a handful
-        // of GPU servers, so this small Vec is noise next to the request it places.
-        let eligible: Vec<usize> = (0..self.slots.len())
+        // of GPU servers: the snapshot lives on the stack unless the pool is unusually large.
+        let candidates = (0..self.slots.len())
             .filter(|i| !exclude.contains(i))
-            .filter(|&i| self.slots.get(i).is_some_and(|s| !s.is_ejected(at)))
-            .collect();
+            .filter(|&i| self.slots.get(i).is_some_and(|s| !s.is_ejected(at)));
+        let mut inline = [0usize; INLINE_PICK];
+        let heap: Vec<usize>;
+        let eligible: &[usize] = if self.slots.len() <= INLINE_PICK {
+            let mut n = 0;
+            for (slot, i) in inline.iter_mut().zip(candidates) {
+                *slot = i;
+                n += 1;
+            }
+            &inline[..n]
+        } else {
+            heap = candidates.collect();
+            &heap
+        };
         if eligible.is_empty() {
             return self.soonest_return(exclude);
         }
         match affinity {
-            Some(target) => rendezvous::choose(target, &eligible, self.config.load_factor, |i| {
+            Some(target) => rendezvous::choose(target, eligible, self.config.load_factor, |i| {
                 self.in_flight(i)
             }),
-            None => self.power_of_two(&eligible, now),
+            None => self.power_of_two(eligible, now),
         }
     }
 

@@ -124,7 +124,8 @@ impl Upstreams {
         body: Pinned,
     ) -> Result<Sent<'p>, EdgeError> {
         let deadline = Instant::now() + self.first_byte;
-        let chunks: Arc<[Bytes]> = body.chunks.into();
+        // One allocation holds the slices for every attempt (a retry re-sends the same body).
+        let chunks: Arc<[Bytes]> = Arc::from(body.chunks.as_slice());
         pool.budget.deposit(Instant::now());
         // Retries are at most 10 (config), so the tried set fits on the stack.
         let mut tried = [0usize; 11];

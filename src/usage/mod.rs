@@ -76,11 +76,10 @@ impl UsageSink {
     pub fn record(&self, deployment: &Deployment, key: Option<&ApiKey>, usage: Option<Usage>) {
         let u = usage.unwrap_or_default();
         if u.prompt_tokens > 0 {
-            metrics::counter!(m::USAGE_TOKENS, "kind" => "prompt").increment(u.prompt_tokens);
+            m::hot().prompt_tokens.increment(u.prompt_tokens);
         }
         if u.completion_tokens > 0 {
-            metrics::counter!(m::USAGE_TOKENS, "kind" => "completion")
-                .increment(u.completion_tokens);
+            m::hot().completion_tokens.increment(u.completion_tokens);
         }
         if !self.collect {
             return;

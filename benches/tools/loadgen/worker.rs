@@ -45,7 +45,10 @@ impl Target {
         };
         let authority = uri.authority().ok_or("--url: no host")?;
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let url_host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let url_host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         let addr = std::net::ToSocketAddrs::to_socket_addrs(&(url_host, port))
             .map_err(|e| format!("--url: cannot resolve {url_host}: {e}"))?
             .next()
@@ -198,7 +201,8 @@ pub async fn run(target: Arc<Target>, args: Args) -> Stats {
             Arc::clone(&progress),
         );
         let (stream, timeout) = (args.stream, args.timeout);
-        workers.spawn(async move { connection(&target, &schedule, &progress, stream, timeout).await });
+        workers
+            .spawn(async move { connection(&target, &schedule, &progress, stream, timeout).await });
     }
     let mut total = Stats::new();
     while let Some(stats) = workers.join_next().await {
@@ -232,7 +236,12 @@ async fn connection(
         let started = due.unwrap_or_else(Instant::now);
         let outcome = tokio::time::timeout_at(started + timeout, async {
             if send.as_ref().is_none_or(|s| s.is_closed()) {
-                send = Some(target.connect().await.map_err(|e| format!("connect: {}", e.kind()))?);
+                send = Some(
+                    target
+                        .connect()
+                        .await
+                        .map_err(|e| format!("connect: {}", e.kind()))?,
+                );
             }
             let Some(s) = send.as_mut() else {
                 return Err("connect".to_owned());

@@ -17,6 +17,7 @@
 //! pre-rendered owned members: no tree, no re-serialisation, no copy of the client's bytes.
 
 use bytes::Bytes;
+use smallvec::SmallVec;
 
 use crate::error::BodyProblem;
 
@@ -26,14 +27,17 @@ use scanner::{Scanner, hex4};
 
 /// Deepest nesting accepted (serde_json's default recursion limit is 128 too).
 pub const MAX_DEPTH: usize = 128;
+/// Body slices a [`Pinned`] holds without a heap allocation.
+pub const INLINE_CHUNKS: usize = 12;
 /// Most owned members one body may carry before it is refused as an attack.
 pub const MAX_OWNED_OCCURRENCES: usize = 64;
 
 /// A pinned body, ready to send: slices of the client's bytes and the edge's members.
 #[derive(Debug, Clone)]
 pub struct Pinned {
-    /// The body, in order. Concatenated, it is the pinned JSON document.
-    pub chunks: Vec<Bytes>,
+    /// The body, in order. Concatenated, it is the pinned JSON document. Inline: a usual body
+    /// is a handful of slices, so pinning allocates no list for them.
+    pub chunks: SmallVec<[Bytes; INLINE_CHUNKS]>,
     /// Total length of `chunks`.
     pub len: usize,
     /// Whether the (last) top-level `stream` member is `true`.
@@ -63,7 +67,8 @@ impl Pinned {
 /// [`Pinned::strip_usage`] says whether the client did not ask for it itself.
 pub fn pin(body: &Bytes, owned: &[&str], members: &Bytes) -> Result<Pinned, BodyProblem> {
     let top = scan(body, 0, owned)?;
-    let mut edits: Vec<Edit> = Vec::with_capacity(4 + top.cuts.len());
+    // Inline: a usual body needs a handful of edits, and the request path allocates little.
+    let mut edits: SmallVec<[Edit; 8]> = SmallVec::new();
     let mut head: [Option<Bytes>; 3] = [Some(members.clone()), None, None];
     let mut cut_first = top.first_cut;
     let mut strip_usage = false;
@@ -110,7 +115,7 @@ pub fn pin(body: &Bytes, owned: &[&str], members: &Bytes) -> Result<Pinned, Body
     // Stable: two inserts at one place keep their order.
     edits.sort_by_key(|e| e.start);
 
-    let mut chunks = Vec::with_capacity(2 * edits.len() + 5);
+    let mut chunks = SmallVec::new();
     chunks.push(body.slice(..top.open + 1));
     chunks.extend(head.into_iter().flatten());
     let mut at = top.open + 1;
@@ -174,7 +179,7 @@ struct Scan {
     /// Number of members.
     members: usize,
     /// Byte ranges to cut: each owned member with the separator before it.
-    cuts: Vec<(usize, usize)>,
+    cuts: SmallVec<[(usize, usize); 4]>,
     /// Whether the first member is cut (then the next member brings its own comma).
     first_cut: bool,
     /// The value range of the last owned member.
@@ -182,7 +187,7 @@ struct Scan {
     /// Whether the (last) `stream` member is `true`.
     stream: bool,
     /// Every `stream_options` member, in order.
-    options: Vec<Options>,
+    options: SmallVec<[Options; 2]>,
 }
 
 /// Scans the object at `b[start..]`, which must be the whole rest of `b` (with optional white
@@ -210,11 +215,11 @@ fn scan(b: &[u8], start: usize, owned: &[&str]) -> Result<Scan, BodyProblem> {
     let mut out = Scan {
         open,
         members: 0,
-        cuts: Vec::new(),
+        cuts: SmallVec::new(),
         first_cut: false,
         last_owned_value: None,
         stream: false,
-        options: Vec::new(),
+        options: SmallVec::new(),
     };
     let mut prev_end = open + 1;
     s.ws();
