@@ -202,7 +202,9 @@ async fn serve(
                 deployment: Arc::clone(&deployment),
                 key,
             });
-            forward(edge, conn, req, &deployment, path, request_id, access).await
+            // Boxed: the upstream exchange is most of this future's size, and hyper keeps a
+            // slot of that size per client connection, idle or not (8 KiB each unboxed).
+            Box::pin(forward(edge, conn, req, &deployment, path, request_id, access)).await
         }
     }
 }
