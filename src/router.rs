@@ -204,7 +204,16 @@ async fn serve(
             });
             // Boxed: the upstream exchange is most of this future's size, and hyper keeps a
             // slot of that size per client connection, idle or not (8 KiB each unboxed).
-            Box::pin(forward(edge, conn, req, &deployment, path, request_id, access)).await
+            Box::pin(forward(
+                edge,
+                conn,
+                req,
+                &deployment,
+                path,
+                request_id,
+                access,
+            ))
+            .await
         }
     }
 }
