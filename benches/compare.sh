@@ -8,7 +8,8 @@
 # off) and nginx (installed from Debian's packages when missing: host map, key map,
 # proxy_buffering off, upstream keep-alive, access log off), then drives each with
 # arkor-loadgen: non-streamed and streamed, at saturation and at half of direct's saturated
-# rate. Bounded: 2 phases x 4 targets x 2 runs of SECONDS (default 8) plus a 1 s warm-up each.
+# rate, and at half of the slowest proxy's. Bounded: 2 phases x 4 targets x 3 runs of SECONDS
+# (default 8) plus a 1 s warm-up each.
 # Prints the tables of benches/compare.py and keeps the raw JSON in target/compare.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
