@@ -198,7 +198,11 @@ impl Config {
                 ));
             }
             at_most(problems, &format!("{at}.idle_timeout"), pool.idle_timeout);
-            at_most(problems, &format!("{at}.health_interval"), pool.health_interval);
+            at_most(
+                problems,
+                &format!("{at}.health_interval"),
+                pool.health_interval,
+            );
             at_most(problems, &format!("{at}.ejection_time"), pool.ejection_time);
             if !(0.0..=1.0).contains(&pool.max_ejected_share) {
                 problems.push(format!("{at}.max_ejected_share: must be between 0 and 1"));
