@@ -55,19 +55,16 @@ impl Slug {
     pub fn from_host<S: AsRef<str>>(host: &[u8], bases: &[S]) -> Option<Slug> {
         let name = strip_port(host)?;
         let name = name.strip_suffix(b".").unwrap_or(name);
-        for base in bases {
-            let base = base.as_ref().as_bytes();
-            // "<slug>." + base: the label is everything before the dot that precedes the base.
-            if name.len() <= base.len() + 1 {
-                continue;
-            }
-            let split = name.len() - base.len();
-            if name[split - 1] == b'.' && name[split..].eq_ignore_ascii_case(base) {
-                // A second label (`a.b.arkor.app`) contains a dot, which `parse` refuses.
-                return Slug::parse(&name[..split - 1]);
-            }
-        }
-        None
+        // A slug has no dot, so the label ends at the first one and the rest must be a base
+        // (matching the rest against every base, not just the first whose suffix fits, keeps
+        // `acme.eu.arkor.app` served when both `arkor.app` and `eu.arkor.app` are bases).
+        let dot = memchr::memchr(b'.', name)?;
+        let (label, base) = (&name[..dot], &name[dot + 1..]);
+        bases
+            .iter()
+            .any(|b| base.eq_ignore_ascii_case(b.as_ref().as_bytes()))
+            .then(|| Slug::parse(label))
+            .flatten()
     }
 
     /// The slug as text.
@@ -185,6 +182,15 @@ mod tests {
         }
         let fifty_one = "a".repeat(51);
         assert_eq!(slug(&format!("{fifty_one}.arkor.app")), None);
+    }
+
+    #[test]
+    fn a_base_inside_another_base_is_served() {
+        let bases = ["arkor.app", "eu.arkor.app"];
+        let slug = |host: &str| Slug::from_host(host.as_bytes(), &bases).map(|s| s.to_string());
+        assert_eq!(slug("acme.eu.arkor.app").as_deref(), Some("acme"));
+        assert_eq!(slug("eu.arkor.app").as_deref(), Some("eu"));
+        assert_eq!(slug("acme.xx.arkor.app"), None);
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! | [`error`] | [`error::EdgeError`]: every failure's status, code and OpenAI envelope |
 //!
 //! Around them: [`config`] (the TOML file) and [`sync`] (control-plane sources feeding the
-//! registry). [`start`] wires everything on already-chosen addresses, so tests run the whole edge
+//! registry). `fuzzing` (hidden) holds the property checks the fuzz targets and the corpus
+//! replay test run. [`start`] wires everything on already-chosen addresses, so tests run the whole edge
 //! on port 0.
 
 #![forbid(unsafe_code)]
@@ -24,6 +25,8 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod headers;
 pub mod host;
 pub mod limits;

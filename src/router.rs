@@ -231,8 +231,9 @@ fn host_of(req: &Request<Incoming>) -> Option<&[u8]> {
     }
 }
 
-/// Whether a `Host` value (port and trailing dot ignored, any case) names `sni`.
-fn same_host(host: &[u8], sni: &str) -> bool {
+/// Whether a `Host` value (port and trailing dot ignored, any case) names `sni` (already
+/// normalised by [`crate::tls::normalise_sni`]); when not, the request is misdirected (421).
+pub fn same_host(host: &[u8], sni: &str) -> bool {
     let name = match memchr::memrchr(b':', host) {
         Some(i) if !host.starts_with(b"[") => &host[..i],
         _ => host,

@@ -101,6 +101,23 @@ fn bad_values_are_refused_by_name() {
 }
 
 #[test]
+fn durations_that_would_overflow_a_deadline_are_refused() {
+    let e =
+        parse("[timeouts]\nupstream_first_byte = \"500000000000y\"\nshutdown_grace = \"101y\"\n")
+            .unwrap_err()
+            .to_string();
+    assert!(
+        e.contains("timeouts.upstream_first_byte: must be at most 100 years"),
+        "{e}"
+    );
+    assert!(
+        e.contains("timeouts.shutdown_grace: must be at most 100 years"),
+        "{e}"
+    );
+    assert!(parse("[timeouts]\nupstream_idle = \"99y\"\n").is_ok());
+}
+
+#[test]
 fn every_problem_is_reported_at_once() {
     let e = parse(
         r#"

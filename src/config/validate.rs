@@ -127,6 +127,7 @@ impl Config {
         ] {
             positive(&mut problems, name, d);
         }
+        at_most(&mut problems, "timeouts.shutdown_grace", t.shutdown_grace);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -197,6 +198,13 @@ impl Config {
                     "{at}: idle_timeout, health_interval and ejection_time must be longer than zero"
                 ));
             }
+            at_most(problems, &format!("{at}.idle_timeout"), pool.idle_timeout);
+            at_most(
+                problems,
+                &format!("{at}.health_interval"),
+                pool.health_interval,
+            );
+            at_most(problems, &format!("{at}.ejection_time"), pool.ejection_time);
             if !(0.0..=1.0).contains(&pool.max_ejected_share) {
                 problems.push(format!("{at}.max_ejected_share: must be between 0 and 1"));
             }
@@ -353,8 +361,19 @@ fn resolve_secret(
     Ok(Some(Secret(value.into())))
 }
 
+/// Longest duration any setting takes: the request path adds durations to the current time,
+/// which a value near `u64::MAX` seconds would overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 fn positive(problems: &mut Vec<String>, name: &str, d: Duration) {
     if d.is_zero() {
         problems.push(format!("{name}: must be longer than zero"));
+    }
+    at_most(problems, name, d);
+}
+
+fn at_most(problems: &mut Vec<String>, name: &str, d: Duration) {
+    if d > MAX_DURATION {
+        problems.push(format!("{name}: must be at most 100 years"));
     }
 }

@@ -221,41 +221,59 @@ impl Pool {
         base_model: &str,
         is_adapter: bool,
     ) -> Result<Bytes, EdgeError> {
-        let mut out = String::from("\"model\":");
-        if self.flavor == Flavor::Sglang {
-            // SGLang checks `model` against the model it serves (a `base:adapter` spelling
-            // selects an adapter, so base names must not hold a colon: config refuses them) and
-            // takes the adapter from `lora_path`; with no `lora_path` it serves the base.
-            out.push_str(&serde_json::Value::from(base_model).to_string());
-            if is_adapter {
-                out.push_str(",\"lora_path\":");
-                out.push_str(&serde_json::Value::from(target_id).to_string());
-            }
-            return Ok(Bytes::from(out));
-        }
-        out.push_str(&serde_json::Value::from(target_id).to_string());
-        if self.flavor == Flavor::LlamaCpp {
-            let chosen = if is_adapter {
-                Some(*self.adapters.get(target_id).ok_or(EdgeError::NoPool)?)
-            } else {
-                None
-            };
-            out.push_str(",\"lora\":[");
-            // Every adapter of the map is listed, so server-wide scales never leak one in.
-            let mut ids: Vec<u32> = self.adapters.values().copied().collect();
-            ids.sort_unstable();
-            ids.dedup();
-            for (i, id) in ids.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                let scale = if Some(*id) == chosen { "1.0" } else { "0.0" };
-                out.push_str(&format!("{{\"id\":{id},\"scale\":{scale}}}"));
-            }
-            out.push(']');
-        }
-        Ok(Bytes::from(out))
+        render_members(
+            self.flavor,
+            &self.adapters,
+            target_id,
+            base_model,
+            is_adapter,
+        )
     }
+}
+
+/// The members a pool of `flavor` (with llama.cpp `adapters`) writes for `target_id`; see
+/// [`Pool::render_members`]. Free of the pool so the fuzz harness pins exactly these bytes.
+pub fn render_members(
+    flavor: Flavor,
+    adapters: &BTreeMap<String, u32>,
+    target_id: &str,
+    base_model: &str,
+    is_adapter: bool,
+) -> Result<Bytes, EdgeError> {
+    let mut out = String::from("\"model\":");
+    if flavor == Flavor::Sglang {
+        // SGLang checks `model` against the model it serves (a `base:adapter` spelling selects
+        // an adapter, so base names must not hold a colon: config refuses them) and takes the
+        // adapter from `lora_path`; with no `lora_path` it serves the base.
+        out.push_str(&serde_json::Value::from(base_model).to_string());
+        if is_adapter {
+            out.push_str(",\"lora_path\":");
+            out.push_str(&serde_json::Value::from(target_id).to_string());
+        }
+        return Ok(Bytes::from(out));
+    }
+    out.push_str(&serde_json::Value::from(target_id).to_string());
+    if flavor == Flavor::LlamaCpp {
+        let chosen = if is_adapter {
+            Some(*adapters.get(target_id).ok_or(EdgeError::NoPool)?)
+        } else {
+            None
+        };
+        out.push_str(",\"lora\":[");
+        // Every adapter of the map is listed, so server-wide scales never leak one in.
+        let mut ids: Vec<u32> = adapters.values().copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for (i, id) in ids.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let scale = if Some(*id) == chosen { "1.0" } else { "0.0" };
+            out.push_str(&format!("{{\"id\":{id},\"scale\":{scale}}}"));
+        }
+        out.push(']');
+    }
+    Ok(Bytes::from(out))
 }
 
 /// All pools, and the pool of each base model.

@@ -111,7 +111,11 @@ impl JsonUsageScan {
         if let Some(v) = self.number {
             match c {
                 b'0'..=b'9' => {
-                    self.number = Some(v.saturating_mul(10).saturating_add(u64::from(c - b'0')));
+                    // Past u64::MAX it is no count a parser would read as an integer (serde_json
+                    // reads a float): it stays 0, like a fraction.
+                    self.number = v
+                        .checked_mul(10)
+                        .and_then(|v| v.checked_add(u64::from(c - b'0')));
                     return;
                 }
                 // A fraction or an exponent: not a count, which stays 0. The rest of the number

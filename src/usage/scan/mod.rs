@@ -33,9 +33,9 @@ const KEY_CAP: usize = 24;
 /// Token counts of one response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
-    /// `usage.prompt_tokens` (0 when missing or not an integer).
+    /// `usage.prompt_tokens` (0 when missing or not an integer that fits in a `u64`).
     pub prompt_tokens: u64,
-    /// `usage.completion_tokens` (0 when missing or not an integer).
+    /// `usage.completion_tokens` (0 when missing or not an integer that fits in a `u64`).
     pub completion_tokens: u64,
 }
 

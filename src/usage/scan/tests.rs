@@ -173,8 +173,10 @@ fn non_streamed_documents() {
             u(4, 0),
         ),
         (
+            // Past u64::MAX a parser reads a float, not a count (and a saturated count would
+            // wrap the Prometheus token counter): 0. u64::MAX itself is a count.
             r#"{"usage":{"prompt_tokens":99999999999999999999999,"completion_tokens":18446744073709551615}}"#,
-            u(u64::MAX, u64::MAX),
+            u(0, u64::MAX),
         ),
         (r#"[{"usage":{"prompt_tokens":1}}]"#, None),
         (r#"{"usage":{"prompt_tokens":1}} {}"#, None),
