@@ -231,6 +231,13 @@ fn pool_balancing_settings_are_checked() {
     ))
     .unwrap();
     assert_eq!(ok.pools[0].secret.as_ref().unwrap().expose(), "k");
+    // An unset variable is reported under the field that names it.
+    let e = parse(&format!(
+        "{base}api_key_env = \"ARKOR_TEST_SURELY_UNSET_VAR\"\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("pools[0].api_key_env"), "{e}");
 }
 
 #[test]

@@ -345,7 +345,7 @@ fn resolve_secret(
                 .to_owned()
         }
         (None, None, Some(var)) => {
-            std::env::var(var).map_err(|_| format!("{table}.token_env: ${var} is not set"))?
+            std::env::var(var).map_err(|_| format!("{table}.{field}_env: ${var} is not set"))?
         }
         _ => {
             return Err(format!(
