@@ -43,7 +43,7 @@ impl BodyProblem {
             BodyProblem::NotObject => "The request body must be a JSON object.",
             BodyProblem::TooDeep => "The request body is nested too deeply.",
             BodyProblem::AmbiguousMember => {
-                "The request body has a member whose name differs from 'model' only in letter case."
+                "The request body has a member whose name differs from one the deployment sets itself (such as 'model') only in letter case or by an escaped NUL."
             }
         }
     }
@@ -205,7 +205,7 @@ impl EdgeError {
                     }
                     BodyProblem::TooDeep => body_problem!("The request body is nested too deeply."),
                     BodyProblem::AmbiguousMember => body_problem!(
-                        "The request body has a member whose name differs from 'model' only in letter case."
+                        "The request body has a member whose name differs from one the deployment sets itself (such as 'model') only in letter case or by an escaped NUL."
                     ),
                 },
             ),
