@@ -22,19 +22,10 @@ if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
 fi
 nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 
-cargo build --release --quiet --bins
+. benches/common.sh # builds the binaries ($mock), makes $work, stops $pids on exit
 target_dir="${CARGO_TARGET_DIR:-target}"
 bare=$(cargo bench --no-run --bench bare_forwarder 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
 [ -x "$bare" ] || { echo "bare forwarder not built" >&2; exit 1; }
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
 
 mock_port=19100 bare_port=18081 edge_port=18080 nginx_port=18082
 . benches/bench-deployment.sh
@@ -85,7 +76,7 @@ http {
 }
 NGINX
 
-"$target_dir/release/arkor-mock-backend" --listen "127.0.0.1:$mock_port" --tokens 32 >/dev/null &
+"$mock" --listen "127.0.0.1:$mock_port" --tokens 32 >/dev/null &
 pids+=($!)
 "$bare" --listen "127.0.0.1:$bare_port" --upstream "127.0.0.1:$mock_port" >/dev/null &
 bare_pid=$!

@@ -162,22 +162,7 @@ fn reference_sse(stream: &[u8]) -> Vec<Part> {
         } else if line[0] == b':' {
             out.push(Part::Comment);
         } else {
-            let (field, value) = match line.iter().position(|b| *b == b':') {
-                Some(c) => {
-                    let v = &line[c + 1..];
-                    (&line[..c], v.strip_prefix(b" ").unwrap_or(v))
-                }
-                None => (line, &[][..]),
-            };
-            if field == b"data" {
-                match &mut data {
-                    Some(d) => {
-                        d.push(b'\n');
-                        d.extend_from_slice(value);
-                    }
-                    None => data = Some(value.to_vec()),
-                }
-            }
+            super::sse_data_line(line, &mut data);
         }
     }
     out

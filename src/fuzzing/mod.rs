@@ -98,3 +98,26 @@ pub(crate) fn first_line(data: &[u8]) -> Option<(&[u8], &[u8])> {
     let nl = memchr::memchr(b'\n', data)?;
     Some((&data[..nl], &data[nl + 1..]))
 }
+
+/// The WHATWG event-stream rule for one non-blank, non-comment line, shared by the reference
+/// parsers: a `data` field's value (after one optional space) is appended to the event's data,
+/// joined with LF; other fields are ignored.
+pub(crate) fn sse_data_line(line: &[u8], data: &mut Option<Vec<u8>>) {
+    let (field, value) = match line.iter().position(|b| *b == b':') {
+        Some(c) => {
+            let v = &line[c + 1..];
+            (&line[..c], v.strip_prefix(b" ").unwrap_or(v))
+        }
+        None => (line, &[][..]),
+    };
+    if field != b"data" {
+        return;
+    }
+    match data {
+        Some(d) => {
+            d.push(b'\n');
+            d.extend_from_slice(value);
+        }
+        None => *data = Some(value.to_vec()),
+    }
+}
