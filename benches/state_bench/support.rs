@@ -89,6 +89,10 @@ poll_interval = "{poll_interval}"
 [log]
 level = "info"
 
+# The push phase makes 500 requests with a revoked key on purpose: no failed-auth brake.
+[limits]
+max_auth_failures = 0
+
 [[pools]]
 name = "echo"
 base_models = [{models}]
