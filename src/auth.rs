@@ -21,8 +21,18 @@ pub const MAX_KEY_LEN: usize = 256;
 pub const LOG_PREFIX_LEN: usize = 12;
 
 /// SHA-256 of a whole plaintext key.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct KeyHash(pub [u8; 32]);
+
+/// A SHA-256 is already uniform: its first eight bytes are hash enough for a table (whose
+/// hasher is seeded, so nobody can aim keys at one bucket).
+impl std::hash::Hash for KeyHash {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(head));
+    }
+}
 
 impl KeyHash {
     /// Hashes a plaintext key.
@@ -32,16 +42,34 @@ impl KeyHash {
 
     /// Parses the control plane's 64 lower-case hex digits.
     pub fn from_hex(hex_digits: &str) -> Option<KeyHash> {
-        if hex_digits.len() != 64
-            || !hex_digits
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        /// Lower-case hex digit values; 0xff marks every other byte.
+        const NIBBLE: [u8; 256] = {
+            let mut table = [0xff_u8; 256];
+            let mut i = 0;
+            while i < 10 {
+                table[b'0' as usize + i] = i as u8;
+                i += 1;
+            }
+            let mut i = 0;
+            while i < 6 {
+                table[b'a' as usize + i] = 10 + i as u8;
+                i += 1;
+            }
+            table
+        };
+        let digits = hex_digits.as_bytes();
+        if digits.len() != 64 {
             return None;
         }
         let mut out = [0u8; 32];
-        hex::decode_to_slice(hex_digits, &mut out).ok()?;
-        Some(KeyHash(out))
+        let mut bad = 0u8;
+        for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+            let (hi, lo) = (NIBBLE[usize::from(pair[0])], NIBBLE[usize::from(pair[1])]);
+            bad |= hi | lo;
+            *byte = hi << 4 | lo;
+        }
+        // Valid digits are below 16; a refused byte sets the high bits.
+        (bad < 16).then_some(KeyHash(out))
     }
 
     /// Lower-case hex, as the control plane writes it.

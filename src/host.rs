@@ -15,10 +15,18 @@ pub const MIN_SLUG_LEN: usize = 2;
 pub const RESERVED: [&str; 7] = ["www", "api", "admin", "app", "edge", "static", "status"];
 
 /// A validated, lower-cased deployment slug.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Slug {
     buf: [u8; MAX_SLUG_LEN],
     len: u8,
+}
+
+/// Hashes the slug's own bytes, not the whole buffer (equal slugs have equal buffers: the
+/// bytes past `len` are always zero).
+impl std::hash::Hash for Slug {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write(&self.buf[..usize::from(self.len)]);
+    }
 }
 
 impl Slug {

@@ -116,7 +116,11 @@ pub async fn start(config: Config) -> Result<Running, String> {
 
     let state_dir = config.state_dir();
     match persist::load(&state_dir, &registry).await {
-        Ok(Some(r)) => tracing::info!(revision = r.revision, "persisted state loaded"),
+        Ok(Some(r)) => tracing::info!(
+            revision = r.revision,
+            took_ms = r.took.as_millis() as u64,
+            "persisted state loaded"
+        ),
         Ok(None) => {}
         Err(e) => tracing::warn!("persisted state ignored: {e}"),
     }
@@ -138,6 +142,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
                 Ok(r) => tracing::info!(
                     revision = r.revision,
                     rejected = r.rejected.len(),
+                    took_ms = r.took.as_millis() as u64,
                     "snapshot file loaded"
                 ),
                 Err(e) if registry.is_loaded() => {
@@ -160,7 +165,8 @@ pub async fn start(config: Config) -> Result<Running, String> {
                     stream_idle: cp.stream_idle,
                     backoff_max: cp.backoff_max,
                 },
-            );
+            )
+            .spool_snapshots_in(state_dir.clone());
             if !registry.is_loaded() {
                 if let Err(e) = pull.load_snapshot().await {
                     tracing::error!("no state yet, the control plane is unreachable: {e}");

@@ -194,7 +194,7 @@ async fn serve(
     }
 
     match action {
-        Action::Models => Ok(json(deployment.models_body.clone())),
+        Action::Models => Ok(json(deployment.models_body())),
         Action::Proxy(path) => {
             // Every proxied request counts for usage, whatever its outcome.
             access.usage_target = Some(UsageTarget {

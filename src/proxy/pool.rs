@@ -279,7 +279,7 @@ pub fn render_members(
 /// All pools, and the pool of each base model.
 #[derive(Debug, Default)]
 pub struct Pools {
-    by_model: HashMap<String, Arc<Pool>>,
+    by_model: HashMap<Arc<str>, Arc<Pool>>,
     all: Vec<Arc<Pool>>,
 }
 
@@ -352,7 +352,7 @@ impl Pools {
             });
             all.push(Arc::clone(&pool));
             for m in &p.base_models {
-                by_model.insert(m.clone(), Arc::clone(&pool));
+                by_model.insert(Arc::from(m.as_str()), Arc::clone(&pool));
             }
         }
         Ok(Pools { by_model, all })
@@ -366,6 +366,12 @@ impl Pools {
     /// The pool serving a base model.
     pub fn for_model(&self, base_model: &str) -> Option<&Arc<Pool>> {
         self.by_model.get(base_model)
+    }
+
+    /// The pool serving a base model, with the pools' own copy of the name (so the many
+    /// deployments of one base model share it).
+    pub fn model_entry(&self, base_model: &str) -> Option<(&Arc<str>, &Arc<Pool>)> {
+        self.by_model.get_key_value(base_model)
     }
 }
 

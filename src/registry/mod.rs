@@ -1,7 +1,8 @@
 //! The edge's view of deployments and keys: one writer, lock-free readers.
 //!
-//! Readers (every request) look deployments up by slug and keys by SHA-256 in moka caches, which
-//! take no global lock. Every change — a snapshot from the file or the control plane, a single
+//! Readers (every request) look deployments up by slug and keys by SHA-256 in sharded tables
+//! (DashMap, 256 shards): a lookup takes one shard's read lock, which a writer holds only for
+//! one insert, never for a whole snapshot. Every change — a snapshot from the file or the control plane, a single
 //! event pulled or pushed — goes through [`Registry::apply_event`] or
 //! [`Registry::apply_snapshot`], serialised by one writer mutex, so revision rules hold whichever
 //! path brings a change and in whatever order:
@@ -10,29 +11,45 @@
 //! * a delete leaves a tombstone for [`TOMBSTONE_TTL`], so a late older upsert cannot revive it;
 //! * an event or object that does not parse is rejected alone and never poisons the rest.
 //!
-//! A fleet's millions of entries are updated one event at a time, never rebuilt whole.
+//! A fleet's millions of entries are updated one event at a time, never rebuilt whole, and a
+//! snapshot is read in blocks (see [`walk`]), so loading one costs little beyond the state.
 
+mod index;
 pub mod model;
 pub mod persist;
+mod snapshot;
+mod tombstones;
+pub mod walk;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use moka::sync::Cache;
+use dashmap::DashMap;
 use serde::Deserialize;
-use serde_json::value::RawValue;
+
+use dashmap::mapref::entry::Entry;
+use index::{ByHash, BySlug, DeploymentById, KeyById};
+use tombstones::{Kind, Tombstones};
 
 use crate::auth::KeyHash;
 use crate::host::Slug;
 use crate::proxy::pool::Pools;
-pub use model::{ApiKey, AuthMode, Deployment, DeploymentDoc, KeyDoc, TargetDoc, Upstream};
+pub use model::{
+    ApiKey, AuthMode, Deployment, DeploymentDoc, KeyDoc, ShortText, TargetDoc, Upstream,
+};
 
 /// How long a delete is remembered against late, older upserts.
 pub const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
 /// Most tombstones remembered at once (oldest evicted first).
-pub const MAX_TOMBSTONES: u64 = 1_000_000;
+pub const MAX_TOMBSTONES: usize = 1_000_000;
+/// Shards of the request path's tables: many, so that growing one moves few entries while
+/// readers of that shard wait.
+const SHARDS: usize = 256;
+
+/// The tables' hasher: fast, seeded at random per process (slugs are chosen by users).
+type Hasher = foldhash::fast::RandomState;
 
 /// One control-plane event (SPEC §4).
 #[derive(Debug, Clone, Deserialize)]
@@ -76,22 +93,8 @@ pub struct SnapshotReport {
     pub removed: usize,
     /// Objects that did not parse or validate, each with its reason.
     pub rejected: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct SnapshotDoc<'a> {
-    revision: u64,
-    #[serde(borrow, default)]
-    deployments: Vec<&'a RawValue>,
-    #[serde(borrow, default)]
-    keys: Vec<&'a RawValue>,
-}
-
-#[derive(serde::Serialize)]
-struct ExportDoc {
-    revision: u64,
-    deployments: Vec<DeploymentDoc>,
-    keys: Vec<KeyDoc>,
+    /// How long checking and applying the document took.
+    pub took: Duration,
 }
 
 #[derive(Deserialize)]
@@ -99,17 +102,15 @@ struct IdOnly {
     id: String,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-enum Kind {
-    Deployment,
-    Key,
-}
-
 /// The writer's own indexes, only touched under the writer mutex.
 struct Writer {
-    deployments: HashMap<Arc<str>, Arc<Deployment>>,
-    keys: HashMap<Arc<str>, Arc<ApiKey>>,
-    tombstones: Cache<(Kind, Box<str>), u64>,
+    deployments: HashSet<DeploymentById, Hasher>,
+    keys: HashSet<KeyById, Hasher>,
+    tombstones: Tombstones,
+    /// Counts snapshots; objects a snapshot holds are marked with its number.
+    epoch: u32,
+    /// The id of the deployment whose key was upserted last.
+    last_owner: Option<Arc<str>>,
 }
 
 /// The writer's lock; publishes the entry counts when released.
@@ -142,8 +143,8 @@ impl Drop for WriterGuard<'_> {
 
 /// Deployments by slug and keys by hash, for the request path; fed by one writer.
 pub struct Registry {
-    by_slug: Cache<Slug, Arc<Deployment>>,
-    by_hash: Cache<KeyHash, Arc<ApiKey>>,
+    by_slug: DashMap<BySlug, (), Hasher>,
+    by_hash: DashMap<ByHash, (), Hasher>,
     writer: Mutex<Writer>,
     revision: AtomicU64,
     loaded: AtomicBool,
@@ -170,15 +171,14 @@ impl Registry {
     /// An empty registry resolving deployments against `pools`.
     pub fn new(pools: Arc<Pools>) -> Registry {
         Registry {
-            by_slug: Cache::builder().build(),
-            by_hash: Cache::builder().build(),
+            by_slug: DashMap::with_hasher_and_shard_amount(Hasher::default(), SHARDS),
+            by_hash: DashMap::with_hasher_and_shard_amount(Hasher::default(), SHARDS),
             writer: Mutex::new(Writer {
-                deployments: HashMap::new(),
-                keys: HashMap::new(),
-                tombstones: Cache::builder()
-                    .max_capacity(MAX_TOMBSTONES)
-                    .time_to_live(TOMBSTONE_TTL)
-                    .build(),
+                deployments: HashSet::default(),
+                keys: HashSet::default(),
+                epoch: 0,
+                last_owner: None,
+                tombstones: Tombstones::default(),
             }),
             revision: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
@@ -205,14 +205,14 @@ impl Registry {
         self.changed.notify_one();
     }
 
-    /// The deployment served at `slug`, enabled or not. Lock-free.
+    /// The deployment served at `slug`, enabled or not. Takes one shard's read lock.
     pub fn deployment(&self, slug: &Slug) -> Option<Arc<Deployment>> {
-        self.by_slug.get(slug)
+        self.by_slug.get(slug).map(|e| Arc::clone(&e.key().0))
     }
 
-    /// The key with this hash, live or revoked. Lock-free.
+    /// The key with this hash, live or revoked. Takes one shard's read lock.
     pub fn key(&self, hash: &KeyHash) -> Option<Arc<ApiKey>> {
-        self.by_hash.get(hash)
+        self.by_hash.get(hash).map(|e| Arc::clone(&e.key().0))
     }
 
     /// Highest revision applied so far.
@@ -313,9 +313,9 @@ impl Registry {
 
     fn apply_resolved(&self, w: &mut Writer, revision: u64, event: Resolved) -> Applied {
         match event {
-            Resolved::UpsertDeployment(d) => self.upsert_deployment(w, d),
+            Resolved::UpsertDeployment(d) => self.upsert_deployment(w, d, None),
             Resolved::DeleteDeployment(id) => self.delete_deployment(w, &id, revision),
-            Resolved::UpsertKey(k) => self.upsert_key(w, k),
+            Resolved::UpsertKey(k) => self.upsert_key(w, k, None),
             Resolved::DeleteKey(id) => self.delete_key(w, &id, revision),
         }
     }
@@ -329,144 +329,54 @@ impl Registry {
         }
     }
 
-    /// The whole state as a snapshot document (`{"revision","deployments","keys"}`), the form
-    /// [`Registry::apply_snapshot`] reads back. The writer lock is held only to collect
-    /// references, not while serialising.
-    pub fn export(&self) -> Vec<u8> {
-        // Read before locking: every change at or below this revision finished under the lock
-        // before its revision was published, so the content is at least this new (replaying a
-        // newer event on top is harmless; skipping one would not be).
-        let revision = self.revision();
-        let w = self.lock();
-        let deployments: Vec<Arc<Deployment>> = w.deployments.values().cloned().collect();
-        let keys: Vec<Arc<ApiKey>> = w.keys.values().cloned().collect();
-        drop(w);
-        let doc = ExportDoc {
-            revision,
-            deployments: deployments.iter().map(|d| d.to_doc()).collect(),
-            keys: keys.iter().map(|k| k.to_doc()).collect(),
-        };
-        serde_json::to_vec(&doc).unwrap_or_default()
-    }
-
-    /// Applies a whole snapshot (`{"revision":N,"deployments":[…],"keys":[…]}`): every object
-    /// in it is upserted, and objects it no longer holds (known at a revision not newer than the
-    /// snapshot) are removed. A document that does not parse changes nothing.
-    pub fn apply_snapshot(&self, text: &[u8]) -> Result<SnapshotReport, String> {
-        let doc: SnapshotDoc<'_> =
-            serde_json::from_slice(text).map_err(|e| format!("snapshot does not parse: {e}"))?;
-        let mut report = SnapshotReport {
-            revision: doc.revision,
-            ..SnapshotReport::default()
-        };
-        let mut seen_deployments: HashSet<String> = HashSet::with_capacity(doc.deployments.len());
-        let mut seen_keys: HashSet<String> = HashSet::with_capacity(doc.keys.len());
-        let mut w = self.lock();
-        for raw in &doc.deployments {
-            let parsed = serde_json::from_str::<DeploymentDoc>(raw.get())
-                .map_err(|e| e.to_string())
-                .and_then(|d| {
-                    seen_deployments.insert(d.id.clone());
-                    Deployment::resolve(d, &self.pools)
-                });
-            match parsed {
-                Ok(d) => self.count(&mut report, self.upsert_deployment(&mut w, d)),
-                Err(why) => {
-                    // Keep what we had for an object we cannot read rather than drop it.
-                    if let Ok(IdOnly { id }) = serde_json::from_str(raw.get()) {
-                        seen_deployments.insert(id);
-                    }
-                    report.rejected.push(format!("deployment: {why}"));
-                }
-            }
-        }
-        for raw in &doc.keys {
-            let parsed = serde_json::from_str::<KeyDoc>(raw.get())
-                .map_err(|e| e.to_string())
-                .and_then(|k| {
-                    seen_keys.insert(k.id.clone());
-                    ApiKey::resolve(k)
-                });
-            match parsed {
-                Ok(k) => self.count(&mut report, self.upsert_key(&mut w, k)),
-                Err(why) => {
-                    if let Ok(IdOnly { id }) = serde_json::from_str(raw.get()) {
-                        seen_keys.insert(id);
-                    }
-                    report.rejected.push(format!("key: {why}"));
-                }
-            }
-        }
-        let gone: Vec<Arc<str>> = w
-            .deployments
-            .values()
-            .filter(|d| d.revision <= doc.revision && !seen_deployments.contains(&*d.id))
-            .map(|d| d.id.clone())
-            .collect();
-        for id in gone {
-            if self.delete_deployment(&mut w, &id, doc.revision) == Applied::Changed {
-                report.removed += 1;
-            }
-        }
-        let gone: Vec<Arc<str>> = w
-            .keys
-            .values()
-            .filter(|k| k.revision <= doc.revision && !seen_keys.contains(&*k.id))
-            .map(|k| k.id.clone())
-            .collect();
-        for id in gone {
-            if self.delete_key(&mut w, &id, doc.revision) == Applied::Changed {
-                report.removed += 1;
-            }
-        }
-        drop(w);
-        self.bump_revision(doc.revision);
-        self.loaded.store(true, Ordering::Release);
-        if report.changed + report.removed > 0 {
-            self.signal_change();
-        }
-        Ok(report)
-    }
-
-    fn count(&self, report: &mut SnapshotReport, outcome: Applied) {
-        match outcome {
-            Applied::Changed => report.changed += 1,
-            Applied::Stale => {}
-            Applied::Rejected(why) => report.rejected.push(why),
-        }
-    }
-
     fn tombstoned(w: &Writer, kind: Kind, id: &str, revision: u64) -> bool {
         w.tombstones
-            .get(&(kind, id.into()))
+            .get(kind, id)
             .is_some_and(|deleted_at| deleted_at >= revision)
     }
 
-    fn upsert_deployment(&self, w: &mut Writer, d: Deployment) -> Applied {
-        let current = w.deployments.get(&d.id).cloned();
+    /// Upserts `d` under the revision rules. With `mark` (a snapshot's number), the deployment
+    /// under this id is marked as held by the snapshot, whether it is replaced or stays.
+    fn upsert_deployment(&self, w: &mut Writer, d: Deployment, mark: Option<u32>) -> Applied {
+        let current = w.deployments.get(&*d.id).map(|e| Arc::clone(&e.0));
+        if let (Some(c), Some(mark)) = (&current, mark) {
+            c.mark.store(mark, Ordering::Relaxed);
+        }
         if current.as_ref().is_some_and(|c| c.revision >= d.revision)
             || Self::tombstoned(w, Kind::Deployment, &d.id, d.revision)
         {
             return Applied::Stale;
         }
-        if let Some(holder) = self.by_slug.get(&d.slug).filter(|h| h.id != d.id) {
-            if holder.revision > d.revision {
-                return Applied::Rejected(format!(
-                    "deployment {}: slug {} belongs to a newer deployment",
-                    d.id, d.slug
-                ));
+        if let Some(mark) = mark {
+            d.mark.store(mark, Ordering::Relaxed);
+        }
+        let d = Arc::new(d);
+        // One look-up in the slug table: take the slot unless a newer deployment holds it.
+        match self.by_slug.entry(BySlug(Arc::clone(&d))) {
+            Entry::Occupied(slot) => {
+                let holder = &slot.key().0;
+                if holder.id != d.id {
+                    if holder.revision > d.revision {
+                        return Applied::Rejected(format!(
+                            "deployment {}: slug {} belongs to a newer deployment",
+                            d.id, d.slug
+                        ));
+                    }
+                    // The holder moved or was deleted in events not seen yet; the newer claim
+                    // wins.
+                    w.deployments.remove(&*holder.id);
+                }
+                slot.replace_entry(());
             }
-            // The holder moved or was deleted in events not seen yet; the newer claim wins.
-            w.deployments.remove(&holder.id);
+            Entry::Vacant(slot) => {
+                slot.insert(());
+            }
         }
         if let Some(c) = current.filter(|c| c.slug != d.slug) {
-            self.by_slug.invalidate(&c.slug);
+            self.by_slug.remove_if(&c.slug, |e, _| e.0.id == c.id);
         }
-        w.tombstones
-            .invalidate(&(Kind::Deployment, d.id.as_ref().into()));
-        let d = Arc::new(d);
-        self.by_slug.insert(d.slug, Arc::clone(&d));
-        w.deployments.insert(d.id.clone(), d);
+        w.tombstones.remove(Kind::Deployment, &d.id);
+        w.deployments.replace(DeploymentById(d));
         Applied::Changed
     }
 
@@ -475,39 +385,67 @@ impl Registry {
             return Applied::Stale;
         }
         match w.deployments.get(id) {
-            Some(c) if c.revision > revision => return Applied::Stale,
+            Some(c) if c.0.revision > revision => return Applied::Stale,
             _ => {}
         }
-        w.tombstones.insert((Kind::Deployment, id.into()), revision);
-        let Some(d) = w.deployments.remove(id) else {
+        w.tombstones.insert(Kind::Deployment, id, revision);
+        let Some(DeploymentById(d)) = w.deployments.take(id) else {
             return Applied::Stale;
         };
-        if self.by_slug.get(&d.slug).is_some_and(|h| h.id == d.id) {
-            self.by_slug.invalidate(&d.slug);
-        }
+        self.by_slug.remove_if(&d.slug, |e, _| e.0.id == d.id);
         Applied::Changed
     }
 
-    fn upsert_key(&self, w: &mut Writer, k: ApiKey) -> Applied {
-        let current = w.keys.get(&k.id).cloned();
+    /// Upserts `k` under the revision rules; `mark` as for [`Registry::upsert_deployment`].
+    fn upsert_key(&self, w: &mut Writer, mut k: ApiKey, mark: Option<u32>) -> Applied {
+        let current = w.keys.get(&*k.id).map(|e| Arc::clone(&e.0));
+        if let (Some(c), Some(mark)) = (&current, mark) {
+            c.mark.store(mark, Ordering::Relaxed);
+        }
         if current.as_ref().is_some_and(|c| c.revision >= k.revision)
             || Self::tombstoned(w, Kind::Key, &k.id, k.revision)
         {
             return Applied::Stale;
         }
-        if let Some(holder) = self.by_hash.get(&k.hash).filter(|h| h.id != k.id) {
-            if holder.revision > k.revision {
-                return Applied::Rejected(format!("key {}: hash belongs to a newer key", k.id));
+        // One copy of the deployment id for the deployment and all its keys. A deployment's
+        // keys usually come one after another, so the last one found is tried first.
+        match &w.last_owner {
+            Some(id) if **id == *k.deployment_id => k.deployment_id = Arc::clone(id),
+            _ => {
+                if let Some(d) = w.deployments.get(&*k.deployment_id) {
+                    k.deployment_id = Arc::clone(&d.0.id);
+                    w.last_owner = Some(Arc::clone(&d.0.id));
+                }
             }
-            w.keys.remove(&holder.id);
+        }
+        if let Some(mark) = mark {
+            k.mark.store(mark, Ordering::Relaxed);
+        }
+        let k = Arc::new(k);
+        // One look-up in the hash table: take the slot unless a newer key holds it.
+        match self.by_hash.entry(ByHash(Arc::clone(&k))) {
+            Entry::Occupied(slot) => {
+                let holder = &slot.key().0;
+                if holder.id != k.id {
+                    if holder.revision > k.revision {
+                        return Applied::Rejected(format!(
+                            "key {}: hash belongs to a newer key",
+                            k.id
+                        ));
+                    }
+                    w.keys.remove(&*holder.id);
+                }
+                slot.replace_entry(());
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(());
+            }
         }
         if let Some(c) = current.filter(|c| c.hash != k.hash) {
-            self.by_hash.invalidate(&c.hash);
+            self.by_hash.remove_if(&c.hash, |e, _| e.0.id == c.id);
         }
-        w.tombstones.invalidate(&(Kind::Key, k.id.as_ref().into()));
-        let k = Arc::new(k);
-        self.by_hash.insert(k.hash, Arc::clone(&k));
-        w.keys.insert(k.id.clone(), k);
+        w.tombstones.remove(Kind::Key, &k.id);
+        w.keys.replace(KeyById(k));
         Applied::Changed
     }
 
@@ -516,16 +454,14 @@ impl Registry {
             return Applied::Stale;
         }
         match w.keys.get(id) {
-            Some(c) if c.revision > revision => return Applied::Stale,
+            Some(c) if c.0.revision > revision => return Applied::Stale,
             _ => {}
         }
-        w.tombstones.insert((Kind::Key, id.into()), revision);
-        let Some(k) = w.keys.remove(id) else {
+        w.tombstones.insert(Kind::Key, id, revision);
+        let Some(KeyById(k)) = w.keys.take(id) else {
             return Applied::Stale;
         };
-        if self.by_hash.get(&k.hash).is_some_and(|h| h.id == k.id) {
-            self.by_hash.invalidate(&k.hash);
-        }
+        self.by_hash.remove_if(&k.hash, |e, _| e.0.id == k.id);
         Applied::Changed
     }
 }

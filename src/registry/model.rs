@@ -4,7 +4,9 @@
 //! Everything a request needs from a deployment is computed once, when an event is applied: the
 //! upstream model and the body members that pin it, the pool, and the `GET /v1/models` answer.
 
+use std::borrow::Cow;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -110,33 +112,70 @@ pub struct Upstream {
 }
 
 /// A deployment, resolved for the request path.
+///
+/// A fleet holds millions, so it keeps one copy of each string: the base model's name is the
+/// pools' own, the target id is shared with the pinning affinity, and the job id and the
+/// `GET /v1/models` body are derived when needed.
 #[derive(Debug)]
 pub struct Deployment {
     pub id: Arc<str>,
     pub slug: Slug,
     pub enabled: bool,
     pub auth_mode: AuthMode,
-    pub target: TargetDoc,
+    /// An adapter (a job's final adapter or one checkpoint), or else a base model.
+    pub adapter: bool,
+    /// The adapter checkpoint; `None` for a final adapter or a base model.
+    pub checkpoint_step: Option<u64>,
+    pub base_model: Arc<str>,
     pub revision: u64,
-    /// Target id (the model clients see in `/v1/models`).
-    pub target_id: Box<str>,
+    /// Target id (the model clients see in `/v1/models`): base model, `<jobId>` or
+    /// `<jobId>:step-<N>`.
+    pub target_id: Arc<str>,
     /// The pool and pinned members, or why the deployment cannot be served (503).
     pub upstream: Result<Upstream, EdgeError>,
-    /// The `GET /v1/models` body, rendered once.
-    pub models_body: Bytes,
+    /// The last snapshot that held this deployment (the registry's writer only).
+    pub(super) mark: AtomicU32,
 }
 
 impl Deployment {
     /// The control-plane document this deployment was made from (for persistence).
     pub fn to_doc(&self) -> DeploymentDoc {
+        let base_model = self.base_model.to_string();
+        let target = if self.adapter {
+            let job_id = match self.checkpoint_step {
+                Some(step) => self
+                    .target_id
+                    .strip_suffix(&format!(":step-{step}"))
+                    .unwrap_or(&self.target_id),
+                None => &self.target_id,
+            };
+            TargetDoc::Adapter {
+                job_id: job_id.to_owned(),
+                checkpoint_step: self.checkpoint_step,
+                base_model,
+            }
+        } else {
+            TargetDoc::BaseModel { base_model }
+        };
         DeploymentDoc {
             id: self.id.to_string(),
             slug: self.slug.as_str().to_owned(),
             enabled: self.enabled,
             auth_mode: self.auth_mode,
-            target: self.target.clone(),
+            target,
             revision: self.revision,
         }
+    }
+
+    /// The `GET /v1/models` answer: an OpenAI model list holding the target id.
+    pub fn models_body(&self) -> Bytes {
+        Bytes::from(
+            serde_json::json!({
+                "object": "list",
+                "data": [{"id": &*self.target_id, "object": "model", "created": 0, "owned_by": "arkor"}],
+            })
+            .to_string(),
+        )
     }
 
     /// Validates and resolves a control-plane document.
@@ -147,38 +186,48 @@ impl Deployment {
         if doc.id.is_empty() {
             return Err("deployment with an empty id".to_owned());
         }
-        let target_id = doc.target.id();
+        let target_id: Arc<str> = doc.target.id().into();
         if target_id.is_empty() {
             return Err(format!("deployment {}: empty target", doc.id));
         }
-        let upstream = match pools.for_model(doc.target.base_model()) {
-            None => Err(EdgeError::NoPool),
-            Some(pool) => upstream(pool, &doc.target, &target_id),
+        let pool = pools.model_entry(doc.target.base_model());
+        let base_model = match pool {
+            Some((name, _)) => Arc::clone(name),
+            None => Arc::from(doc.target.base_model()),
         };
-        let models_body = Bytes::from(
-            serde_json::json!({
-                "object": "list",
-                "data": [{"id": target_id, "object": "model", "created": 0, "owned_by": "arkor"}],
-            })
-            .to_string(),
-        );
+        let upstream = match pool {
+            None => Err(EdgeError::NoPool),
+            Some((_, pool)) => upstream(pool, &doc.target, &target_id),
+        };
+        let (adapter, checkpoint_step) = match doc.target {
+            TargetDoc::Adapter {
+                checkpoint_step, ..
+            } => (true, checkpoint_step),
+            TargetDoc::BaseModel { .. } => (false, None),
+        };
         Ok(Deployment {
             id: doc.id.into(),
             slug,
             enabled: doc.enabled,
             auth_mode: doc.auth_mode,
-            target: doc.target,
+            adapter,
+            checkpoint_step,
+            base_model,
             revision: doc.revision,
-            target_id: target_id.into(),
+            target_id,
             upstream,
-            models_body,
+            mark: AtomicU32::new(0),
         })
     }
 }
 
 /// How a target is sent to `pool`: the pinned members, the affinity and, for adapters on a pool
 /// that loads them, the load. Fails when the pool cannot express the target.
-fn upstream(pool: &Arc<Pool>, target: &TargetDoc, target_id: &str) -> Result<Upstream, EdgeError> {
+fn upstream(
+    pool: &Arc<Pool>,
+    target: &TargetDoc,
+    target_id: &Arc<str>,
+) -> Result<Upstream, EdgeError> {
     let adapter = match target {
         TargetDoc::Adapter {
             job_id,
@@ -188,7 +237,7 @@ fn upstream(pool: &Arc<Pool>, target: &TargetDoc, target_id: &str) -> Result<Ups
         TargetDoc::BaseModel { .. } => None,
     };
     let members = pool.render_members(target_id, target.base_model(), adapter.is_some())?;
-    let affinity = adapter.map(|_| Arc::<str>::from(target_id));
+    let affinity = adapter.map(|_| Arc::clone(target_id));
     let load = match (adapter, &affinity, &pool.loads) {
         (Some((job_id, step)), Some(id), Some(loads)) => {
             Some(Box::new(loads.request_for(Arc::clone(id), job_id, step)?))
@@ -208,12 +257,15 @@ fn upstream(pool: &Arc<Pool>, target: &TargetDoc, target_id: &str) -> Result<Ups
 #[derive(Debug)]
 pub struct ApiKey {
     pub id: Arc<str>,
-    pub deployment_id: Box<str>,
+    /// The deployment's id; the registry shares the deployment's own copy when it knows it.
+    pub deployment_id: Arc<str>,
     /// The displayable prefix the control plane sent (at most 12 characters are kept).
-    pub prefix: Option<Box<str>>,
+    pub prefix: Option<ShortText>,
     pub hash: KeyHash,
     pub enabled: bool,
     pub revision: u64,
+    /// The last snapshot that held this key (the registry's writer only).
+    pub(super) mark: AtomicU32,
 }
 
 impl ApiKey {
@@ -222,7 +274,7 @@ impl ApiKey {
         KeyDoc {
             id: self.id.to_string(),
             deployment_id: self.deployment_id.to_string(),
-            prefix: self.prefix.as_ref().map(|p| p.to_string()),
+            prefix: self.prefix.as_ref().map(|p| p.as_str().to_owned()),
             sha256: self.hash.to_hex(),
             enabled: self.enabled,
             revision: self.revision,
@@ -231,24 +283,90 @@ impl ApiKey {
 
     /// Validates a control-plane key document.
     pub fn resolve(doc: KeyDoc) -> Result<ApiKey, String> {
+        ApiKey::resolve_wire(KeyWire {
+            id: Cow::Owned(doc.id),
+            deployment_id: Cow::Owned(doc.deployment_id),
+            prefix: doc.prefix.map(Cow::Owned),
+            sha256: Cow::Owned(doc.sha256),
+            enabled: doc.enabled,
+            revision: doc.revision,
+        })
+    }
+
+    /// Validates a key document borrowed from the text it was read from.
+    pub fn resolve_wire(doc: KeyWire<'_>) -> Result<ApiKey, String> {
         let hash = KeyHash::from_hex(&doc.sha256)
             .ok_or_else(|| format!("key {}: sha256 is not 64 lower-case hex digits", doc.id))?;
         if doc.id.is_empty() || doc.deployment_id.is_empty() {
             return Err("key with an empty id or deploymentId".to_owned());
         }
         Ok(ApiKey {
-            id: doc.id.into(),
-            deployment_id: doc.deployment_id.into(),
-            prefix: doc.prefix.map(|p| {
-                p.chars()
-                    .take(crate::auth::LOG_PREFIX_LEN)
-                    .collect::<String>()
-                    .into()
-            }),
+            id: Arc::from(&*doc.id),
+            deployment_id: Arc::from(&*doc.deployment_id),
+            prefix: doc.prefix.as_deref().map(ShortText::new),
             hash,
             enabled: doc.enabled,
             revision: doc.revision,
+            mark: AtomicU32::new(0),
         })
+    }
+}
+
+/// [`KeyDoc`] borrowing its strings from the text it is read from, so that reading a snapshot
+/// of millions of keys does not copy each string on the way. Accepts exactly what `KeyDoc` does.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyWire<'a> {
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub deployment_id: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub prefix: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub sha256: Cow<'a, str>,
+    pub enabled: bool,
+    pub revision: u64,
+}
+
+/// Up to [`crate::auth::LOG_PREFIX_LEN`] characters kept inline (no allocation per key), cut
+/// at a character boundary so it stays within [`ShortText::CAPACITY`] bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ShortText {
+    len: u8,
+    buf: [u8; ShortText::CAPACITY],
+}
+
+impl ShortText {
+    /// Bytes kept at most: 12 ASCII characters, fewer wider ones.
+    pub const CAPACITY: usize = 16;
+
+    /// The leading characters of `text` that fit.
+    pub fn new(text: &str) -> ShortText {
+        let mut out = ShortText {
+            len: 0,
+            buf: [0; ShortText::CAPACITY],
+        };
+        for c in text.chars().take(crate::auth::LOG_PREFIX_LEN) {
+            let at = usize::from(out.len);
+            let Some(slot) = out.buf.get_mut(at..at + c.len_utf8()) else {
+                break;
+            };
+            c.encode_utf8(slot);
+            out.len += c.len_utf8() as u8;
+        }
+        out
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl std::fmt::Debug for ShortText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
@@ -279,6 +397,37 @@ mod tests {
     }
 
     #[test]
+    fn documents_round_trip_through_the_compact_form() {
+        let pools = Pools::default();
+        for target in [
+            serde_json::json!({"type": "adapter", "jobId": "j:step-1", "checkpointStep": 7, "baseModel": "m"}),
+            serde_json::json!({"type": "adapter", "jobId": "j:step-7", "baseModel": "m"}),
+            serde_json::json!({"type": "base_model", "baseModel": "m/x"}),
+        ] {
+            let doc: DeploymentDoc = serde_json::from_value(serde_json::json!({
+                "id": "d1", "slug": "acme", "enabled": false, "authMode": "none",
+                "target": target, "revision": 9
+            }))
+            .unwrap();
+            let back = Deployment::resolve(doc.clone(), &pools).unwrap().to_doc();
+            assert_eq!(
+                serde_json::to_value(&back).unwrap(),
+                serde_json::to_value(&doc).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn short_text_keeps_twelve_characters_within_its_bytes() {
+        assert_eq!(ShortText::new("ark_live_abcdef").as_str(), "ark_live_abc");
+        assert_eq!(ShortText::new("ab").as_str(), "ab");
+        assert_eq!(ShortText::new("").as_str(), "");
+        // Four-byte characters: four fit in 16 bytes.
+        assert_eq!(ShortText::new("😀😀😀😀😀").as_str(), "😀😀😀😀");
+        assert_eq!(ShortText::new("éééééééééééééé").as_str(), "éééééééé");
+    }
+
+    #[test]
     fn resolve_refuses_unservable_slugs_and_marks_missing_pools() {
         let doc = |slug: &str| -> DeploymentDoc {
             serde_json::from_value(serde_json::json!({
@@ -294,7 +443,7 @@ mod tests {
         assert!(Deployment::resolve(doc("a"), &pools).is_err());
         let d = Deployment::resolve(doc("acme"), &pools).unwrap();
         assert_eq!(d.upstream.as_ref().err(), Some(&EdgeError::NoPool));
-        let models: serde_json::Value = serde_json::from_slice(&d.models_body).unwrap();
+        let models: serde_json::Value = serde_json::from_slice(&d.models_body()).unwrap();
         assert_eq!(models["data"][0]["id"], "nowhere");
     }
 }

@@ -5,7 +5,7 @@
 //! change the writer waits [`COALESCE`] so a burst of events costs one write. Nothing is written
 //! before a whole state was loaded, so an empty start never overwrites a good file.
 
-use std::io::Write;
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,25 +25,25 @@ pub const WRITE_SPACING: u32 = 4;
 /// registry is left as it was).
 pub async fn load(dir: &Path, registry: &Arc<Registry>) -> Result<Option<SnapshotReport>, String> {
     let path = dir.join(STATE_FILE);
-    let bytes = match tokio::fs::read(&path).await {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
     let r = Arc::clone(registry);
-    tokio::task::spawn_blocking(move || r.apply_snapshot(&bytes))
-        .await
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .map(Some)
-        .map_err(|e| format!("{}: {e}", path.display()))
+    let applied = tokio::task::spawn_blocking(move || match std::fs::File::open(&path) {
+        Ok(file) => r
+            .apply_snapshot_from(file)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    });
+    applied.await.map_err(|e| format!("{e}"))?
 }
 
-/// Writes `bytes` to `dir/state.json` atomically.
-fn write_blocking(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes the registry's state to `dir/state.json` atomically, streamed through a buffer.
+fn write_blocking(dir: &Path, registry: &Registry) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!("{STATE_FILE}.tmp.{}", std::process::id()));
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
+    let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+    registry.export_to(&mut out)?;
+    let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
     drop(file);
     std::fs::rename(&tmp, dir.join(STATE_FILE))?;
@@ -97,7 +97,7 @@ async fn persist(dir: &Path, registry: &Arc<Registry>) -> bool {
     }
     // Serialising a large state is CPU work: off the runtime workers, with the write.
     let (r, d) = (Arc::clone(registry), dir.to_path_buf());
-    let written = tokio::task::spawn_blocking(move || write_blocking(&d, &r.export()))
+    let written = tokio::task::spawn_blocking(move || write_blocking(&d, &r))
         .await
         .map_err(std::io::Error::other)
         .and_then(|r| r);

@@ -271,7 +271,7 @@ fn export_round_trips_through_a_snapshot() {
     assert_eq!(copy.counts(), (2, 1));
     let k = copy.key(&KeyHash::of(KEY.as_bytes())).unwrap();
     assert_eq!(&*k.deployment_id, "d1");
-    assert_eq!(k.prefix.as_deref(), Some("ark_live_aaa"));
+    assert_eq!(k.prefix.as_ref().map(|p| p.as_str()), Some("ark_live_aaa"));
     assert!(!copy.deployment(&slug("beta")).unwrap().enabled);
     let sorted = |doc: &[u8]| {
         let mut v: serde_json::Value = serde_json::from_slice(doc).unwrap();

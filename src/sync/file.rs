@@ -38,14 +38,15 @@ async fn fingerprint(path: &Path) -> std::io::Result<Fingerprint> {
 /// Reads the file and applies it as a snapshot, on a blocking thread: a fleet's snapshot takes
 /// seconds of CPU, which must not hold a runtime worker that serves requests.
 pub async fn load(path: &Path, registry: &Arc<Registry>) -> Result<SnapshotReport, String> {
-    let bytes = tokio::fs::read(path)
-        .await
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let r = Arc::clone(registry);
-    let report = tokio::task::spawn_blocking(move || r.apply_snapshot(&bytes))
-        .await
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let (r, file_path) = (Arc::clone(registry), path.to_path_buf());
+    let report = tokio::task::spawn_blocking(move || {
+        std::fs::File::open(&file_path)
+            .map_err(|e| e.to_string())
+            .and_then(|file| r.apply_snapshot_from(file))
+    })
+    .await
+    .map_err(|e| format!("{}: {e}", path.display()))?
+    .map_err(|e| format!("{}: {e}", path.display()))?;
     for why in &report.rejected {
         tracing::error!(file = %path.display(), "control-plane object rejected: {why}");
     }
@@ -120,6 +121,7 @@ impl FileSource {
                     changed = r.changed,
                     removed = r.removed,
                     rejected = r.rejected.len(),
+                    took_ms = r.took.as_millis() as u64,
                     "snapshot file applied"
                     );
                 }

@@ -21,6 +21,7 @@
 
 pub mod sse;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -32,6 +33,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Secret;
@@ -68,6 +70,8 @@ pub struct PullSource {
     status: Arc<SyncStatus>,
     settings: PullSettings,
     client: Client<HttpConnector, Empty<Bytes>>,
+    /// Where a snapshot is downloaded to, when not into memory.
+    spool_dir: Option<PathBuf>,
 }
 
 /// Why an event stream ended.
@@ -136,7 +140,16 @@ impl PullSource {
             status,
             settings,
             client,
+            spool_dir: None,
         }
+    }
+
+    /// Downloads snapshots into an unnamed file in `dir` (the state folder) rather than into
+    /// memory: a fleet's snapshot is hundreds of megabytes, as much again as the state built
+    /// from it. The file is unlinked as soon as it is created, so nothing is left behind.
+    pub fn spool_snapshots_in(mut self, dir: PathBuf) -> PullSource {
+        self.spool_dir = Some(dir);
+        self
     }
 
     /// Downloads the snapshot and applies it: objects it no longer holds are removed. Used at
@@ -148,17 +161,20 @@ impl PullSource {
         if !response.status().is_success() {
             return Err(format!("{url}: status {}", response.status()));
         }
-        let bytes = self
+        let body = self
             .read_snapshot(response)
             .await
             .map_err(|e| format!("{url}: {e}"))?;
         // Parsing and indexing a fleet's snapshot takes seconds of CPU: keep it off the
         // runtime's workers.
         let registry = Arc::clone(&self.registry);
-        let report = tokio::task::spawn_blocking(move || registry.apply_snapshot(&bytes))
-            .await
-            .map_err(|e| format!("{url}: applying the snapshot failed: {e}"))?
-            .map_err(|e| format!("{url}: {e}"))?;
+        let report = tokio::task::spawn_blocking(move || match body {
+            Download::Memory(bytes) => registry.apply_snapshot(&bytes),
+            Download::File(file) => registry.apply_snapshot_from(file),
+        })
+        .await
+        .map_err(|e| format!("{url}: applying the snapshot failed: {e}"))?
+        .map_err(|e| format!("{url}: {e}"))?;
         self.status.touch();
         for why in &report.rejected {
             tracing::error!(url = %url, "control-plane object rejected: {why}");
@@ -190,6 +206,7 @@ impl PullSource {
                             changed = r.changed,
                             removed = r.removed,
                             rejected = r.rejected.len(),
+                            took_ms = r.took.as_millis() as u64,
                             "control-plane snapshot applied"
                         );
                     }
@@ -315,8 +332,9 @@ impl PullSource {
     }
 
     /// Reads a snapshot body within [`MAX_SNAPSHOT_BYTES`], each pause bounded by
-    /// `request_timeout`.
-    async fn read_snapshot(&self, response: Response<Incoming>) -> Result<Vec<u8>, String> {
+    /// `request_timeout`: into a spool file when [`PullSource::spool_snapshots_in`] was set,
+    /// else into memory.
+    async fn read_snapshot(&self, response: Response<Incoming>) -> Result<Download, String> {
         let declared = response
             .headers()
             .get(CONTENT_LENGTH)
@@ -327,8 +345,12 @@ impl PullSource {
                 "snapshot of {len} bytes is over the {MAX_SNAPSHOT_BYTES}-byte limit"
             ));
         }
-        // An honest length saves the copies of growing the buffer; the limit above caps it.
-        let mut bytes = Vec::with_capacity(declared.unwrap_or(0) as usize);
+        let mut sink = match &self.spool_dir {
+            Some(dir) => Sink::File(spool_file(dir).await?),
+            // An honest length saves the copies of growing the buffer; the limit above caps it.
+            None => Sink::Memory(Vec::with_capacity(declared.unwrap_or(0) as usize)),
+        };
+        let mut received: u64 = 0;
         let mut body = response.into_body();
         loop {
             let frame = tokio::time::timeout(self.settings.request_timeout, body.frame())
@@ -340,18 +362,84 @@ impl PullSource {
                     )
                 })?;
             let Some(frame) = frame else {
-                return Ok(bytes);
+                return sink.finish().await;
             };
             let frame = frame.map_err(|e| chain(&e))?;
             let Ok(chunk) = frame.into_data() else {
                 continue;
             };
-            if (bytes.len() + chunk.len()) as u64 > MAX_SNAPSHOT_BYTES {
+            received += chunk.len() as u64;
+            if received > MAX_SNAPSHOT_BYTES {
                 return Err(format!("snapshot over the {MAX_SNAPSHOT_BYTES}-byte limit"));
             }
-            bytes.extend_from_slice(&chunk);
+            sink.write(&chunk).await?;
         }
     }
+}
+
+/// A downloaded snapshot.
+enum Download {
+    Memory(Vec<u8>),
+    /// A spool file, at its start.
+    File(std::fs::File),
+}
+
+/// Where a snapshot download goes while it arrives.
+enum Sink {
+    Memory(Vec<u8>),
+    File(tokio::io::BufWriter<tokio::fs::File>),
+}
+
+impl Sink {
+    async fn write(&mut self, chunk: &[u8]) -> Result<(), String> {
+        match self {
+            Sink::Memory(bytes) => bytes.extend_from_slice(chunk),
+            Sink::File(file) => file
+                .write_all(chunk)
+                .await
+                .map_err(|e| format!("spooling the snapshot: {e}"))?,
+        }
+        Ok(())
+    }
+
+    async fn finish(self) -> Result<Download, String> {
+        match self {
+            Sink::Memory(bytes) => Ok(Download::Memory(bytes)),
+            Sink::File(mut file) => {
+                let spooled = async {
+                    file.flush().await?;
+                    let mut file = file.into_inner();
+                    file.rewind().await?;
+                    Ok::<_, std::io::Error>(file.into_std().await)
+                };
+                spooled
+                    .await
+                    .map(Download::File)
+                    .map_err(|e| format!("spooling the snapshot: {e}"))
+            }
+        }
+    }
+}
+
+/// A new spool file in `dir`, already unlinked.
+async fn spool_file(dir: &Path) -> Result<tokio::io::BufWriter<tokio::fs::File>, String> {
+    let path = dir.join(format!("snapshot.download.{}", std::process::id()));
+    let opened = async {
+        tokio::fs::create_dir_all(dir).await?;
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await?;
+        tokio::fs::remove_file(&path).await?;
+        Ok::<_, std::io::Error>(file)
+    };
+    let file = opened
+        .await
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(tokio::io::BufWriter::with_capacity(1 << 20, file))
 }
 
 /// Sets [`crate::metrics::SYNC_LAG`] every [`LAG_TICK`] from the last contact; never returns.

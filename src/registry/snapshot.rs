@@ -1,0 +1,246 @@
+//! Whole states: applying a snapshot document, and writing the state out as one.
+//!
+//! A snapshot is read twice, in blocks: once to check that the whole document parses (a
+//! document that does not parse changes nothing), then again to apply each object as it is
+//! read. Neither the document nor a parsed copy of it is ever held whole, so loading a fleet's
+//! state costs little more memory than the state itself.
+
+use std::io::{Read, Seek, Write};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::model::KeyWire;
+use super::walk::{self, Array, Element, Front, Visit};
+use super::{ApiKey, Applied, Deployment, DeploymentDoc, IdOnly, Registry, SnapshotReport, Writer};
+
+impl Registry {
+    /// Applies a whole snapshot (`{"revision":N,"deployments":[…],"keys":[…]}`): every object
+    /// in it is upserted, and objects it no longer holds (known at a revision not newer than the
+    /// snapshot) are removed. A document that does not parse changes nothing.
+    pub fn apply_snapshot(&self, text: &[u8]) -> Result<SnapshotReport, String> {
+        self.apply_snapshot_from(std::io::Cursor::new(text))
+    }
+
+    /// [`Registry::apply_snapshot`] over a document read from `source` (a file, usually), which
+    /// is read twice. Should the document change between the two reads so that the second one
+    /// fails, the objects read until then stay applied (each is whole and valid) and nothing is
+    /// removed; the error says so.
+    pub fn apply_snapshot_from<S: Read + Seek>(
+        &self,
+        mut source: S,
+    ) -> Result<SnapshotReport, String> {
+        let started = std::time::Instant::now();
+        let outline = walk::walk_blocks(&mut source, &mut |_: Element<'_>| {})?;
+        source
+            .rewind()
+            .map_err(|e| format!("snapshot cannot be read again: {e}"))?;
+        let mut report = SnapshotReport {
+            revision: outline.revision,
+            ..SnapshotReport::default()
+        };
+        let mut w = self.lock();
+        w.epoch = w.epoch.wrapping_add(1).max(1);
+        let epoch = w.epoch;
+        w.deployments.reserve(outline.deployments);
+        w.keys.reserve(outline.keys);
+        let second = walk::walk_blocks(
+            &mut source,
+            &mut Apply {
+                registry: self,
+                writer: &mut w,
+                epoch,
+                report: &mut report,
+            },
+        );
+        match second {
+            Ok(o) if o.revision == outline.revision => {}
+            Ok(_) | Err(_) => {
+                drop(w);
+                if report.changed > 0 {
+                    self.signal_change();
+                }
+                return Err(format!(
+                    "snapshot changed while being read; {} objects applied, none removed",
+                    report.changed
+                ));
+            }
+        }
+        let revision = outline.revision;
+        let unmarked =
+            |mark: u32, object_revision: u64| mark != epoch && object_revision <= revision;
+        let gone: Vec<Arc<str>> = w
+            .deployments
+            .iter()
+            .filter(|e| unmarked(e.0.mark.load(Ordering::Relaxed), e.0.revision))
+            .map(|e| Arc::clone(&e.0.id))
+            .collect();
+        for id in gone {
+            if self.delete_deployment(&mut w, &id, revision) == Applied::Changed {
+                report.removed += 1;
+            }
+        }
+        let gone: Vec<Arc<str>> = w
+            .keys
+            .iter()
+            .filter(|e| unmarked(e.0.mark.load(Ordering::Relaxed), e.0.revision))
+            .map(|e| Arc::clone(&e.0.id))
+            .collect();
+        for id in gone {
+            if self.delete_key(&mut w, &id, revision) == Applied::Changed {
+                report.removed += 1;
+            }
+        }
+        drop(w);
+        report.took = started.elapsed();
+        self.bump_revision(revision);
+        self.loaded.store(true, Ordering::Release);
+        if report.changed + report.removed > 0 {
+            self.signal_change();
+        }
+        Ok(report)
+    }
+
+    /// One deployment of a snapshot: applied, and marked as held by it. One that does not
+    /// parse or validate keeps what we had under its id rather than have it removed.
+    fn snapshot_deployment(
+        &self,
+        w: &mut Writer,
+        raw: &[u8],
+        epoch: u32,
+        report: &mut SnapshotReport,
+    ) {
+        let resolved = serde_json::from_slice::<DeploymentDoc>(raw)
+            .map_err(|e| e.to_string())
+            .and_then(|d| Deployment::resolve(d, &self.pools));
+        match resolved {
+            Ok(d) => count(report, self.upsert_deployment(w, d, Some(epoch))),
+            Err(why) => {
+                report.rejected.push(format!("deployment: {why}"));
+                let held = serde_json::from_slice::<IdOnly>(raw)
+                    .ok()
+                    .and_then(|IdOnly { id }| w.deployments.get(id.as_str()));
+                if let Some(e) = held {
+                    e.0.mark.store(epoch, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// One key of a snapshot; as [`Registry::snapshot_deployment`].
+    fn snapshot_key(&self, w: &mut Writer, raw: &[u8], epoch: u32, report: &mut SnapshotReport) {
+        let resolved = serde_json::from_slice::<KeyWire<'_>>(raw)
+            .map_err(|e| e.to_string())
+            .and_then(ApiKey::resolve_wire);
+        match resolved {
+            Ok(k) => count(report, self.upsert_key(w, k, Some(epoch))),
+            Err(why) => {
+                report.rejected.push(format!("key: {why}"));
+                let held = serde_json::from_slice::<IdOnly>(raw)
+                    .ok()
+                    .and_then(|IdOnly { id }| w.keys.get(id.as_str()));
+                if let Some(e) = held {
+                    e.0.mark.store(epoch, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Writes the whole state as a snapshot document (`{"revision","deployments","keys"}`),
+    /// the form [`Registry::apply_snapshot`] reads back, one object at a time. The writer lock
+    /// is held only to collect references, not while writing.
+    pub fn export_to(&self, out: &mut impl Write) -> std::io::Result<()> {
+        // Read before locking: every change at or below this revision finished under the lock
+        // before its revision was published, so the content is at least this new (replaying a
+        // newer event on top is harmless; skipping one would not be).
+        let revision = self.revision();
+        let w = self.lock();
+        let deployments: Vec<Arc<Deployment>> =
+            w.deployments.iter().map(|e| Arc::clone(&e.0)).collect();
+        let keys: Vec<Arc<ApiKey>> = w.keys.iter().map(|e| Arc::clone(&e.0)).collect();
+        drop(w);
+        write!(out, "{{\"revision\":{revision},\"deployments\":[")?;
+        for (i, d) in deployments.iter().enumerate() {
+            out.write_all(if i == 0 { b"\n" } else { b",\n" })?;
+            serde_json::to_writer(&mut *out, &d.to_doc())?;
+        }
+        out.write_all(b"],\"keys\":[")?;
+        for (i, k) in keys.iter().enumerate() {
+            out.write_all(if i == 0 { b"\n" } else { b",\n" })?;
+            serde_json::to_writer(&mut *out, &k.to_doc())?;
+        }
+        out.write_all(b"]}\n")
+    }
+
+    /// [`Registry::export_to`] into memory.
+    pub fn export(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Writing to a Vec fails only if serialising does, which these documents cannot.
+        let _ = self.export_to(&mut out);
+        out
+    }
+}
+
+/// The second walk of a snapshot: each element applied as it is read.
+struct Apply<'a> {
+    registry: &'a Registry,
+    writer: &'a mut Writer,
+    epoch: u32,
+    report: &'a mut SnapshotReport,
+}
+
+impl Visit for Apply<'_> {
+    /// Parses the element straight from the buffered bytes (the first walk checked them), so
+    /// most elements are scanned once here; one that does not parse comes back whole.
+    fn front(&mut self, array: Array, bytes: &[u8]) -> Front {
+        let de = serde_json::Deserializer::from_slice(bytes);
+        let (r, epoch) = (self.registry, self.epoch);
+        let applied = match array {
+            Array::Deployments => {
+                let mut values = de.into_iter::<DeploymentDoc>();
+                match values.next() {
+                    Some(Ok(doc)) => match Deployment::resolve(doc, &r.pools) {
+                        Ok(d) => {
+                            count(
+                                self.report,
+                                r.upsert_deployment(self.writer, d, Some(epoch)),
+                            );
+                            Some(values.byte_offset())
+                        }
+                        Err(_) => None,
+                    },
+                    _ => None,
+                }
+            }
+            Array::Keys => {
+                let mut values = de.into_iter::<KeyWire<'_>>();
+                match values.next() {
+                    Some(Ok(doc)) => match ApiKey::resolve_wire(doc) {
+                        Ok(k) => {
+                            count(self.report, r.upsert_key(self.writer, k, Some(epoch)));
+                            Some(values.byte_offset())
+                        }
+                        Err(_) => None,
+                    },
+                    _ => None,
+                }
+            }
+        };
+        applied.map_or(Front::Unread, Front::Read)
+    }
+
+    fn whole(&mut self, array: Array, value: &[u8]) {
+        let (r, w, epoch) = (self.registry, &mut *self.writer, self.epoch);
+        match array {
+            Array::Deployments => r.snapshot_deployment(w, value, epoch, self.report),
+            Array::Keys => r.snapshot_key(w, value, epoch, self.report),
+        }
+    }
+}
+
+fn count(report: &mut SnapshotReport, outcome: Applied) {
+    match outcome {
+        Applied::Changed => report.changed += 1,
+        Applied::Stale => {}
+        Applied::Rejected(why) => report.rejected.push(why),
+    }
+}
