@@ -23,7 +23,7 @@ use crate::auth::KeyHash;
 use crate::config::Config;
 use crate::host::Slug;
 use crate::proxy::pool::Pools;
-use crate::registry::{Applied, Event, Registry};
+use crate::registry::{Applied, Event, Registry, walk};
 use crate::sync::pull::sse::{EventPart, SseParser};
 
 /// Pools of every flavour, so deployments resolve to each.
@@ -205,8 +205,86 @@ impl Seen {
 
 fn apply_snapshot(r: &Registry, text: &[u8], seen: &mut Seen, highest: &mut u64) -> Outcome {
     seen.collect(text);
+    walk_agrees(text)?;
     if let Ok(report) = r.apply_snapshot(text) {
         *highest = (*highest).max(report.revision);
+    }
+    Ok(())
+}
+
+/// The block-wise snapshot reader, at a block size picked from the text, must accept exactly
+/// the documents serde's derive accepts, and find the same revision and elements.
+fn walk_agrees(text: &[u8]) -> Outcome {
+    #[derive(serde::Deserialize)]
+    struct Doc<'a> {
+        revision: u64,
+        #[serde(borrow, default)]
+        deployments: Vec<&'a serde_json::value::RawValue>,
+        #[serde(borrow, default)]
+        keys: Vec<&'a serde_json::value::RawValue>,
+    }
+    // serde's derive also reads a struct from an array (`[revision, deployments, keys]`); a
+    // snapshot is an object (SPEC §4), and the reader refuses anything else.
+    let is_object = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let reference = serde_json::from_slice::<Doc<'_>>(text)
+        .ok()
+        .filter(|_| is_object)
+        .map(|d| {
+            let mut elements: Vec<(bool, String)> = d
+                .deployments
+                .iter()
+                .map(|v| (true, v.get().to_owned()))
+                .collect();
+            elements.extend(d.keys.iter().map(|v| (false, v.get().to_owned())));
+            (d.revision, elements)
+        });
+    let block = 1 + text
+        .iter()
+        .fold(0usize, |a, &b| a.wrapping_add(usize::from(b)))
+        % 97;
+    let mut elements = Vec::new();
+    let walked = walk::walk(text, block, &mut |e: walk::Element<'_>| {
+        elements.push(match e {
+            walk::Element::Deployment(v) => (true, String::from_utf8_lossy(v).into_owned()),
+            walk::Element::Key(v) => (false, String::from_utf8_lossy(v).into_owned()),
+        })
+    });
+    match (walked, reference) {
+        (Ok(outline), Some((revision, want))) => {
+            ensure!(
+                outline.revision == revision && elements == want,
+                "the snapshot reader (block {block}) read {} elements at revision {}, serde {} at {revision}",
+                elements.len(),
+                outline.revision,
+                want.len()
+            );
+        }
+        (Err(_), None) => {}
+        (Ok(_), None) if !is_object => {
+            return Err(format!(
+                "the snapshot reader accepted a document that is not an object: {:?}",
+                String::from_utf8_lossy(text)
+            ));
+        }
+        (Ok(_), None) => {
+            // serde's derive refuses a few things past the syntax the reader checks: nesting
+            // deeper than 128 inside one element counts from the document's top for it.
+            let why = serde_json::from_slice::<Doc<'_>>(text)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            ensure!(
+                why.contains("recursion limit"),
+                "the snapshot reader accepted a document serde refuses ({why}): {:?}",
+                String::from_utf8_lossy(text)
+            );
+        }
+        (Err(e), Some(_)) => {
+            return Err(format!(
+                "the snapshot reader refused a document serde accepts: {e}: {:?}",
+                String::from_utf8_lossy(text)
+            ));
+        }
     }
     Ok(())
 }

@@ -156,7 +156,8 @@ impl<R: Read> Walker<R> {
                     }
                     Member::Keys => outline.keys = self.array(Array::Keys, visit)?,
                     Member::Other => {
-                        let len = self.value_len()?;
+                        // Ignored, so not checked to be UTF-8 (serde does not check it either).
+                        let len = self.value_len_unchecked()?;
                         self.take(len);
                     }
                 }
@@ -270,6 +271,14 @@ impl<R: Read> Walker<R> {
     /// The length of the JSON value that starts at the next byte (after whitespace), reading
     /// more until it is whole. Checks its syntax and that it is UTF-8.
     fn value_len(&mut self) -> Result<usize, String> {
+        let len = self.value_len_unchecked()?;
+        std::str::from_utf8(&self.buf[self.start..self.start + len])
+            .map_err(|_| "a value is not UTF-8".to_owned())?;
+        Ok(len)
+    }
+
+    /// [`Walker::value_len`] without the UTF-8 check.
+    fn value_len_unchecked(&mut self) -> Result<usize, String> {
         if self.peek()?.is_none() {
             return Err("unexpected end of the document".to_owned());
         }
@@ -284,8 +293,6 @@ impl<R: Read> Walker<R> {
                     }
                     // A value that ends where the bytes end may go on (a number): read more.
                     if len < unread.len() || self.eof {
-                        std::str::from_utf8(&unread[..len])
-                            .map_err(|_| "a value is not UTF-8".to_owned())?;
                         return Ok(len);
                     }
                 }
@@ -454,6 +461,12 @@ mod tests {
         doc.extend_from_slice(b"\"\xff\xfe\"}]}");
         let err = collect(&doc, 4).unwrap_err();
         assert!(err.contains("UTF-8"), "{err}");
+        assert!(reference(&doc).is_err());
+        // In a member that is ignored, serde does not look, and neither does the reader.
+        let mut doc = br#"{"revision":1,"other":{"x":"#.to_vec();
+        doc.extend_from_slice(b"\"\xff\xfe\"}}");
+        assert!(reference(&doc).is_ok());
+        assert_eq!(collect(&doc, 4).unwrap().0.revision, 1);
 
         let big = format!(
             r#"{{"revision":1,"keys":["{}"]}}"#,
@@ -461,6 +474,15 @@ mod tests {
         );
         let err = collect(big.as_bytes(), BLOCK).unwrap_err();
         assert!(err.contains("over"), "{err}");
+    }
+
+    #[test]
+    fn a_snapshot_is_an_object_not_serdes_array_form() {
+        // serde's derive reads `[0]` as revision 0 with no objects, which applied as a
+        // snapshot would remove everything; the reader wants the object of SPEC §4.
+        assert!(reference(b"[0]").is_ok());
+        assert!(collect(b"[0]", 8).is_err());
+        assert!(collect(b"[0, [], []]", 8).is_err());
     }
 
     #[test]
