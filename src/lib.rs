@@ -8,7 +8,7 @@
 //! | [`router`] | SPEC §2's decision order: host → deployment → preflight → key → route |
 //! | [`host`] | `Host` / `:authority` → [`host::Slug`] |
 //! | [`auth`] | Bearer parsing, [`auth::KeyHash`] (SHA-256), redacted prefixes |
-//! | [`registry`] | deployments by slug and keys by hash; one writer, lock-free readers |
+//! | [`registry`] | deployments by slug and keys by hash; one writer, sharded readers |
 //! | [`proxy`] | pools, model pinning ([`proxy::pin`]), vLLM adapter loads ([`proxy::adapters`]), the upstream client, `builtin:echo` |
 //! | [`stream`] | body limits, pass-through with idle timeout, terminal SSE error event |
 //! | [`error`] | [`error::EdgeError`]: every failure's status, code and OpenAI envelope |

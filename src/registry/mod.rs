@@ -1,4 +1,4 @@
-//! The edge's view of deployments and keys: one writer, lock-free readers.
+//! The edge's view of deployments and keys: one writer, readers that never wait for a snapshot.
 //!
 //! Readers (every request) look deployments up by slug and keys by SHA-256 in sharded tables
 //! (DashMap, 256 shards): a lookup takes one shard's read lock, which a writer holds only for
