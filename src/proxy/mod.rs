@@ -229,8 +229,11 @@ impl Upstreams {
                 let r = echo::respond(&whole, *word_delay);
                 return Attempt::Answered(r.map(UpstreamBody::Echo));
             }
-            EndpointSpec::Http { h2c, .. } => pool.client.for_h2c(*h2c),
+            EndpointSpec::Http { h2c, host, .. } => {
+                (pool.client.for_h2c(*h2c), (!*h2c).then_some(host))
+            }
         };
+        let (client, host) = client;
         let Some(uri) = endpoint.uri(path) else {
             return Attempt::NotSent;
         };
@@ -238,6 +241,12 @@ impl Upstreams {
         *req.method_mut() = Method::POST;
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;
+        // Set here rather than by the client, which would format both for every request.
+        if let Some(host) = host {
+            req.headers_mut().insert(header::HOST, host.clone());
+        }
+        req.headers_mut()
+            .insert(header::CONTENT_LENGTH, crate::headers::content_length(len));
         if let Some(auth) = &pool.authorization {
             req.headers_mut()
                 .insert(header::AUTHORIZATION, auth.clone());

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderValue;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use serde::Deserialize;
 
@@ -56,6 +57,9 @@ pub enum EndpointSpec {
         authority: Authority,
         prefix: String,
         h2c: bool,
+        /// The `Host` header for HTTP/1.1 requests, made once: a clone shares its bytes, where
+        /// the client would format one for every request.
+        host: HeaderValue,
     },
 }
 
@@ -92,10 +96,14 @@ impl EndpointSpec {
             return Err("a query is not allowed".to_owned());
         }
         let prefix = uri.path().trim_end_matches('/').to_owned();
+        let host =
+            HeaderValue::from_maybe_shared(Bytes::copy_from_slice(authority.as_str().as_bytes()))
+                .map_err(|e| e.to_string())?;
         Ok(EndpointSpec::Http {
             authority,
             prefix,
             h2c,
+            host,
         })
     }
 }
@@ -395,11 +403,13 @@ mod tests {
             authority,
             prefix,
             h2c,
+            host,
         } = EndpointSpec::parse("h2c://10.0.0.6:8000/openai/").unwrap()
         else {
             panic!("not http")
         };
         assert_eq!(authority.as_str(), "10.0.0.6:8000");
+        assert_eq!(host, "10.0.0.6:8000");
         assert_eq!(prefix, "/openai");
         assert!(h2c);
         for bad in [
