@@ -25,7 +25,12 @@ impl Registry {
     /// is read twice. Should the document change between the two reads so that the second one
     /// fails, the objects read until then stay applied (each is whole and valid) and nothing is
     /// removed; the error says so.
-    pub fn apply_snapshot_from<S: Read + Seek>(
+    ///
+    /// While the registry holds no state yet (at start, before anything can be served), the
+    /// second read runs on a thread of its own that parses and resolves objects while this one
+    /// indexes them: a fleet's first load takes both cores. Later snapshots are read and applied
+    /// on this thread alone, leaving the other cores to the requests being served.
+    pub fn apply_snapshot_from<S: Read + Seek + Send>(
         &self,
         mut source: S,
     ) -> Result<SnapshotReport, String> {
@@ -43,15 +48,17 @@ impl Registry {
         let epoch = w.epoch;
         w.deployments.reserve(outline.deployments);
         w.keys.reserve(outline.keys);
-        let second = walk::walk_blocks(
-            &mut source,
-            &mut Apply {
-                registry: self,
-                writer: &mut w,
-                epoch,
-                report: &mut report,
-            },
-        );
+        let mut apply = Apply {
+            registry: self,
+            writer: &mut w,
+            epoch,
+            report: &mut report,
+        };
+        let second = if self.is_loaded() {
+            walk::walk_blocks(&mut source, &mut apply)
+        } else {
+            apply.pipelined(&mut source)
+        };
         match second {
             Ok(o) if o.revision == outline.revision => {}
             Ok(_) | Err(_) => {
@@ -233,6 +240,116 @@ impl Visit for Apply<'_> {
         match array {
             Array::Deployments => r.snapshot_deployment(w, value, epoch, self.report),
             Array::Keys => r.snapshot_key(w, value, epoch, self.report),
+        }
+    }
+}
+
+/// Objects per hand-over from the reading thread to the indexing one.
+const BATCH: usize = 1024;
+/// Batches in flight between the two: bounds what a first load holds beyond the state itself.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// An element read and resolved by the reading thread of a first load.
+enum Parsed {
+    Deployment(Deployment),
+    Key(ApiKey),
+    /// One that did not parse or resolve: applied (rejected) from its text.
+    Whole(Array, Vec<u8>),
+}
+
+/// The reading side of a first load: parses and resolves elements, hands them over in batches.
+struct Reader<'a> {
+    registry: &'a Registry,
+    batch: Vec<Parsed>,
+    to_indexer: std::sync::mpsc::SyncSender<Vec<Parsed>>,
+}
+
+impl Reader<'_> {
+    fn push(&mut self, read: Parsed) {
+        self.batch.push(read);
+        if self.batch.len() == BATCH {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+        // The indexer stops receiving only when it has gone; the walk then ends on its own.
+        let _ = self.to_indexer.send(batch);
+    }
+}
+
+impl Visit for Reader<'_> {
+    fn front(&mut self, array: Array, bytes: &[u8]) -> Front {
+        let de = serde_json::Deserializer::from_slice(bytes);
+        let (read, len) = match array {
+            Array::Deployments => {
+                let mut values = de.into_iter::<DeploymentDoc>();
+                let Some(Ok(doc)) = values.next() else {
+                    return Front::Unread;
+                };
+                let Ok(d) = Deployment::resolve(doc, &self.registry.pools) else {
+                    return Front::Unread;
+                };
+                (Parsed::Deployment(d), values.byte_offset())
+            }
+            Array::Keys => {
+                let mut values = de.into_iter::<KeyWire<'_>>();
+                let Some(Ok(doc)) = values.next() else {
+                    return Front::Unread;
+                };
+                let Ok(k) = ApiKey::resolve_wire(doc) else {
+                    return Front::Unread;
+                };
+                (Parsed::Key(k), values.byte_offset())
+            }
+        };
+        self.push(read);
+        Front::Read(len)
+    }
+
+    fn whole(&mut self, array: Array, value: &[u8]) {
+        self.push(Parsed::Whole(array, value.to_vec()));
+    }
+}
+
+impl Apply<'_> {
+    /// The second walk of a first load: read and resolved on a scoped thread, indexed here, in
+    /// document order.
+    fn pipelined<S: Read + Send>(&mut self, source: S) -> Result<walk::Outline, String> {
+        let registry = self.registry;
+        std::thread::scope(|scope| {
+            let (to_indexer, batches) = std::sync::mpsc::sync_channel(BATCHES_IN_FLIGHT);
+            let reading = std::thread::Builder::new()
+                .name("snapshot-reader".to_owned())
+                .spawn_scoped(scope, move || {
+                    let mut reader = Reader {
+                        registry,
+                        batch: Vec::with_capacity(BATCH),
+                        to_indexer,
+                    };
+                    let outline = walk::walk_blocks(source, &mut reader);
+                    reader.flush();
+                    outline
+                })
+                .map_err(|e| format!("cannot start the snapshot reader: {e}"))?;
+            for batch in batches {
+                for read in batch {
+                    self.index(read);
+                }
+            }
+            reading
+                .join()
+                .unwrap_or_else(|_| Err("the snapshot reader failed".to_owned()))
+        })
+    }
+
+    fn index(&mut self, read: Parsed) {
+        let (r, w, epoch) = (self.registry, &mut *self.writer, self.epoch);
+        match read {
+            Parsed::Deployment(d) => count(self.report, r.upsert_deployment(w, d, Some(epoch))),
+            Parsed::Key(k) => count(self.report, r.upsert_key(w, k, Some(epoch))),
+            Parsed::Whole(array, value) => self.whole(array, &value),
         }
     }
 }

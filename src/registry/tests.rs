@@ -308,3 +308,71 @@ fn a_batch_with_an_invalid_event_applies_nothing() {
     assert_eq!(out, [Applied::Changed, Applied::Stale]);
     assert!(r.deployment(&slug("acme")).is_some());
 }
+
+/// A first load (read on a second thread) and a later one (read on the caller's) must end in the
+/// same state and report, over several batches, with duplicates, slug conflicts and bad objects.
+#[test]
+fn first_and_later_loads_agree() {
+    let mut deployments = Vec::new();
+    let mut keys = Vec::new();
+    for i in 0..3000u64 {
+        let slug = format!("d{}", i % 2900); // later ones fight over earlier slugs
+        deployments.push(
+            json!({"id": format!("d{i}"), "slug": slug, "enabled": i % 7 != 0,
+            "authMode": "fixed_api_key", "target": {"type": "base_model", "baseModel": "m"},
+            "revision": i + 1}),
+        );
+        let key = format!("ark_live_{i:024}");
+        keys.push(
+            json!({"id": format!("k{i}"), "deploymentId": format!("d{i}"),
+            "sha256": KeyHash::of(key.as_bytes()).to_hex(), "enabled": true,
+            "revision": 10_000 + i}),
+        );
+    }
+    // The same id again, older and then newer; an object that is not one; a bad hash.
+    deployments.push(
+        json!({"id": "d5", "slug": "older", "enabled": true, "authMode": "none",
+        "target": {"type": "base_model", "baseModel": "m"}, "revision": 1}),
+    );
+    deployments.push(
+        json!({"id": "d6", "slug": "newer", "enabled": true, "authMode": "none",
+        "target": {"type": "base_model", "baseModel": "m"}, "revision": 99_999}),
+    );
+    deployments.push(json!(17));
+    keys.push(
+        json!({"id": "k-bad", "deploymentId": "d1", "sha256": "xyz", "enabled": true,
+        "revision": 3}),
+    );
+    let doc = json!({"revision": 100_000, "deployments": deployments, "keys": keys}).to_string();
+
+    let first = registry();
+    let a = first.apply_snapshot(doc.as_bytes()).unwrap();
+    let later = registry();
+    later
+        .apply_snapshot(br#"{"revision":0,"deployments":[],"keys":[]}"#)
+        .unwrap();
+    let b = later.apply_snapshot(doc.as_bytes()).unwrap();
+    assert_eq!(
+        (a.changed, a.removed, &a.rejected),
+        (b.changed, b.removed, &b.rejected)
+    );
+    // The object that is not one and the bad hash; the later slug claims win over the older
+    // (d2905 takes slug d5 from d5, which then comes back under a slug of its own).
+    assert_eq!(a.rejected.len(), 2, "{:?}", a.rejected);
+    assert_eq!(first.counts(), later.counts());
+    assert_eq!(first.counts(), (3000 - 100 + 2, 3000));
+    assert_eq!(&*first.deployment(&slug("d5")).unwrap().id, "d2905");
+    assert_eq!(&*first.deployment(&slug("older")).unwrap().id, "d5");
+    let sorted = |doc: &[u8]| {
+        let mut v: serde_json::Value = serde_json::from_slice(doc).unwrap();
+        for list in ["deployments", "keys"] {
+            v[list]
+                .as_array_mut()
+                .unwrap()
+                .sort_by_key(|o| o["id"].as_str().unwrap().to_owned());
+        }
+        v
+    };
+    assert_eq!(sorted(&first.export()), sorted(&later.export()));
+    assert_eq!(&*first.deployment(&slug("newer")).unwrap().id, "d6");
+}
