@@ -199,40 +199,13 @@ impl Visit for Apply<'_> {
     /// Parses the element straight from the buffered bytes (the first walk checked them), so
     /// most elements are scanned once here; one that does not parse comes back whole.
     fn front(&mut self, array: Array, bytes: &[u8]) -> Front {
-        let de = serde_json::Deserializer::from_slice(bytes);
-        let (r, epoch) = (self.registry, self.epoch);
-        let applied = match array {
-            Array::Deployments => {
-                let mut values = de.into_iter::<DeploymentDoc>();
-                match values.next() {
-                    Some(Ok(doc)) => match Deployment::resolve(doc, &r.pools) {
-                        Ok(d) => {
-                            count(
-                                self.report,
-                                r.upsert_deployment(self.writer, d, Some(epoch)),
-                            );
-                            Some(values.byte_offset())
-                        }
-                        Err(_) => None,
-                    },
-                    _ => None,
-                }
+        match parse_front(self.registry, array, bytes) {
+            Some((parsed, len)) => {
+                self.index(parsed);
+                Front::Read(len)
             }
-            Array::Keys => {
-                let mut values = de.into_iter::<KeyWire<'_>>();
-                match values.next() {
-                    Some(Ok(doc)) => match ApiKey::resolve_wire(doc) {
-                        Ok(k) => {
-                            count(self.report, r.upsert_key(self.writer, k, Some(epoch)));
-                            Some(values.byte_offset())
-                        }
-                        Err(_) => None,
-                    },
-                    _ => None,
-                }
-            }
-        };
-        applied.map_or(Front::Unread, Front::Read)
+            None => Front::Unread,
+        }
     }
 
     fn whole(&mut self, array: Array, value: &[u8]) {
@@ -240,6 +213,27 @@ impl Visit for Apply<'_> {
         match array {
             Array::Deployments => r.snapshot_deployment(w, value, epoch, self.report),
             Array::Keys => r.snapshot_key(w, value, epoch, self.report),
+        }
+    }
+}
+
+/// Reads one element from the front of `bytes` and resolves it, with its length; `None` when it
+/// is cut short, does not parse or does not resolve (the walker then shows it whole, and its
+/// rejection is recorded from its text).
+fn parse_front(registry: &Registry, array: Array, bytes: &[u8]) -> Option<(Parsed, usize)> {
+    let de = serde_json::Deserializer::from_slice(bytes);
+    match array {
+        Array::Deployments => {
+            let mut values = de.into_iter::<DeploymentDoc>();
+            let doc = values.next()?.ok()?;
+            let d = Deployment::resolve(doc, &registry.pools).ok()?;
+            Some((Parsed::Deployment(d), values.byte_offset()))
+        }
+        Array::Keys => {
+            let mut values = de.into_iter::<KeyWire<'_>>();
+            let doc = values.next()?.ok()?;
+            let k = ApiKey::resolve_wire(doc).ok()?;
+            Some((Parsed::Key(k), values.byte_offset()))
         }
     }
 }
@@ -281,31 +275,13 @@ impl Reader<'_> {
 
 impl Visit for Reader<'_> {
     fn front(&mut self, array: Array, bytes: &[u8]) -> Front {
-        let de = serde_json::Deserializer::from_slice(bytes);
-        let (read, len) = match array {
-            Array::Deployments => {
-                let mut values = de.into_iter::<DeploymentDoc>();
-                let Some(Ok(doc)) = values.next() else {
-                    return Front::Unread;
-                };
-                let Ok(d) = Deployment::resolve(doc, &self.registry.pools) else {
-                    return Front::Unread;
-                };
-                (Parsed::Deployment(d), values.byte_offset())
+        match parse_front(self.registry, array, bytes) {
+            Some((parsed, len)) => {
+                self.push(parsed);
+                Front::Read(len)
             }
-            Array::Keys => {
-                let mut values = de.into_iter::<KeyWire<'_>>();
-                let Some(Ok(doc)) = values.next() else {
-                    return Front::Unread;
-                };
-                let Ok(k) = ApiKey::resolve_wire(doc) else {
-                    return Front::Unread;
-                };
-                (Parsed::Key(k), values.byte_offset())
-            }
-        };
-        self.push(read);
-        Front::Read(len)
+            None => Front::Unread,
+        }
     }
 
     fn whole(&mut self, array: Array, value: &[u8]) {
