@@ -1,5 +1,6 @@
-//! `key_lookup`: the presented key's SHA-256 and the lookup of its hash, in the registry's moka
-//! cache and in the obvious alternatives, holding the very same `Arc<ApiKey>` values.
+//! `key_lookup`: the presented key's SHA-256 and the lookup of its hash, in the registry (sharded
+//! `DashMap`s of the objects themselves) and in the alternatives, a moka cache (the registry's
+//! earlier form), a plain `DashMap` and an `Arc<HashMap>`, holding the very same `Arc<ApiKey>`s.
 
 use std::cell::OnceCell;
 use std::collections::HashMap;
