@@ -26,10 +26,11 @@ impl Registry {
     /// fails, the objects read until then stay applied (each is whole and valid) and nothing is
     /// removed; the error says so.
     ///
-    /// While the registry holds no state yet (at start, before anything can be served), the
-    /// second read runs on a thread of its own that parses and resolves objects while this one
-    /// indexes them: a fleet's first load takes both cores. Later snapshots are read and applied
-    /// on this thread alone, leaving the other cores to the requests being served.
+    /// Until a first snapshot is loaded (at start, before the edge is ready), the second read
+    /// runs on a thread of its own that parses and resolves objects while this one indexes
+    /// them: a fleet's first load takes two cores. Later snapshots are read and applied on this
+    /// thread alone, leaving the other cores to the requests being served. Both ways apply the
+    /// same objects in the same order.
     pub fn apply_snapshot_from<S: Read + Seek + Send>(
         &self,
         mut source: S,
