@@ -212,9 +212,10 @@ fn apply_snapshot(r: &Registry, text: &[u8], seen: &mut Seen, highest: &mut u64)
     Ok(())
 }
 
-/// The block-wise snapshot reader, at a block size picked from the text, must accept exactly
-/// the documents serde's derive accepts, and find the same revision and elements.
-fn walk_agrees(text: &[u8]) -> Outcome {
+/// What serde's derive reads from a snapshot document (the form the edge parsed it in before
+/// the block-wise reader): its revision and the raw text of each element, `true` for a
+/// deployment. The reference the reader is compared with, here and in its unit tests.
+pub fn serde_snapshot(text: &[u8]) -> Result<(u64, Vec<(bool, String)>), String> {
     #[derive(serde::Deserialize)]
     struct Doc<'a> {
         revision: u64,
@@ -223,21 +224,24 @@ fn walk_agrees(text: &[u8]) -> Outcome {
         #[serde(borrow, default)]
         keys: Vec<&'a serde_json::value::RawValue>,
     }
+    let d: Doc<'_> = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    let mut elements: Vec<(bool, String)> = d
+        .deployments
+        .iter()
+        .map(|v| (true, v.get().to_owned()))
+        .collect();
+    elements.extend(d.keys.iter().map(|v| (false, v.get().to_owned())));
+    Ok((d.revision, elements))
+}
+
+/// The block-wise snapshot reader, at a block size picked from the text, must accept exactly
+/// the documents serde's derive accepts, and find the same revision and elements.
+fn walk_agrees(text: &[u8]) -> Outcome {
     // serde's derive also reads a struct from an array (`[revision, deployments, keys]`); a
     // snapshot is an object (SPEC §4), and the reader refuses anything else.
     let is_object = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    let reference = serde_json::from_slice::<Doc<'_>>(text)
-        .ok()
-        .filter(|_| is_object)
-        .map(|d| {
-            let mut elements: Vec<(bool, String)> = d
-                .deployments
-                .iter()
-                .map(|v| (true, v.get().to_owned()))
-                .collect();
-            elements.extend(d.keys.iter().map(|v| (false, v.get().to_owned())));
-            (d.revision, elements)
-        });
+    let serde = serde_snapshot(text);
+    let reference = serde.as_ref().ok().filter(|_| is_object);
     let block = 1 + text
         .iter()
         .fold(0usize, |a, &b| a.wrapping_add(usize::from(b)))
@@ -252,7 +256,7 @@ fn walk_agrees(text: &[u8]) -> Outcome {
     match (walked, reference) {
         (Ok(outline), Some((revision, want))) => {
             ensure!(
-                outline.revision == revision && elements == want,
+                outline.revision == *revision && elements == *want,
                 "the snapshot reader (block {block}) read {} elements at revision {}, serde {} at {revision}",
                 elements.len(),
                 outline.revision,
@@ -269,10 +273,7 @@ fn walk_agrees(text: &[u8]) -> Outcome {
         (Ok(_), None) => {
             // serde's derive refuses a few things past the syntax the reader checks: nesting
             // deeper than 128 inside one element counts from the document's top for it.
-            let why = serde_json::from_slice::<Doc<'_>>(text)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
+            let why = serde.err().unwrap_or_default();
             ensure!(
                 why.contains("recursion limit"),
                 "the snapshot reader accepted a document serde refuses ({why}): {:?}",

@@ -256,6 +256,18 @@ fn a_bad_object_in_a_snapshot_is_rejected_alone_and_not_dropped() {
     assert!(r.deployment(&slug("two")).is_some());
 }
 
+/// An exported document with its objects in id order, to compare states.
+fn sorted(doc: &[u8]) -> serde_json::Value {
+    let mut v: serde_json::Value = serde_json::from_slice(doc).unwrap();
+    for list in ["deployments", "keys"] {
+        v[list]
+            .as_array_mut()
+            .unwrap()
+            .sort_by_key(|o| o["id"].as_str().unwrap().to_owned());
+    }
+    v
+}
+
 #[test]
 fn export_round_trips_through_a_snapshot() {
     let r = registry();
@@ -273,16 +285,6 @@ fn export_round_trips_through_a_snapshot() {
     assert_eq!(&*k.deployment_id, "d1");
     assert_eq!(k.prefix.as_ref().map(|p| p.as_str()), Some("ark_live_aaa"));
     assert!(!copy.deployment(&slug("beta")).unwrap().enabled);
-    let sorted = |doc: &[u8]| {
-        let mut v: serde_json::Value = serde_json::from_slice(doc).unwrap();
-        for list in ["deployments", "keys"] {
-            v[list]
-                .as_array_mut()
-                .unwrap()
-                .sort_by_key(|o| o["id"].as_str().unwrap().to_owned());
-        }
-        v
-    };
     assert_eq!(sorted(&copy.export()), sorted(&doc));
 }
 
@@ -363,16 +365,6 @@ fn first_and_later_loads_agree() {
     assert_eq!(first.counts(), (3000 - 100 + 2, 3000));
     assert_eq!(&*first.deployment(&slug("d5")).unwrap().id, "d2905");
     assert_eq!(&*first.deployment(&slug("older")).unwrap().id, "d5");
-    let sorted = |doc: &[u8]| {
-        let mut v: serde_json::Value = serde_json::from_slice(doc).unwrap();
-        for list in ["deployments", "keys"] {
-            v[list]
-                .as_array_mut()
-                .unwrap()
-                .sort_by_key(|o| o["id"].as_str().unwrap().to_owned());
-        }
-        v
-    };
     assert_eq!(sorted(&first.export()), sorted(&later.export()));
     assert_eq!(&*first.deployment(&slug("newer")).unwrap().id, "d6");
 }

@@ -378,18 +378,12 @@ mod tests {
 
     /// What serde's derive makes of the same document, for comparison.
     fn reference(doc: &[u8]) -> Result<(u64, Vec<String>), String> {
-        #[derive(serde::Deserialize)]
-        struct Doc<'a> {
-            revision: u64,
-            #[serde(borrow, default)]
-            deployments: Vec<&'a serde_json::value::RawValue>,
-            #[serde(borrow, default)]
-            keys: Vec<&'a serde_json::value::RawValue>,
-        }
-        let d: Doc<'_> = serde_json::from_slice(doc).map_err(|e| e.to_string())?;
-        let mut seen: Vec<String> = d.deployments.iter().map(|v| format!("d {v}")).collect();
-        seen.extend(d.keys.iter().map(|v| format!("k {v}")));
-        Ok((d.revision, seen))
+        let (revision, elements) = crate::fuzzing::control::serde_snapshot(doc)?;
+        let seen = elements
+            .into_iter()
+            .map(|(deployment, v)| format!("{} {v}", if deployment { "d" } else { "k" }))
+            .collect();
+        Ok((revision, seen))
     }
 
     const GOOD: &[&str] = &[
