@@ -356,7 +356,9 @@ pub struct PoolConfig {
     /// Idle connections kept per endpoint.
     #[serde(default = "default_max_idle")]
     pub max_idle_per_endpoint: usize,
-    /// How long an idle backend connection is kept.
+    /// How long an idle backend connection is kept. Shorter than the backend's own keep-alive
+    /// timeout, so the edge never sends a request on a connection the backend is closing (the
+    /// request would fail after it was sent, too late to retry).
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Adapter affinity: an endpoint above `load_factor` × the pool's mean in-flight requests
@@ -391,8 +393,9 @@ fn default_max_idle() -> usize {
     256
 }
 
+/// Below the 5 s keep-alive of uvicorn (vLLM, SGLang) and of llama.cpp's server.
 fn default_idle_timeout() -> Duration {
-    Duration::from_secs(90)
+    Duration::from_secs(4)
 }
 
 fn default_load_factor() -> f64 {
