@@ -107,6 +107,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         config.timeouts.upstream_connect,
     )?);
     for pool in pools.all() {
+        tasks.spawn(proxy::h1::sweep(Arc::clone(pool), shutdown.clone()));
         if pool.health_path.is_some() {
             tasks.spawn(proxy::health::run(Arc::clone(pool), shutdown.clone()));
         }

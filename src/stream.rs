@@ -22,6 +22,7 @@ use tokio::time::{Instant, Sleep};
 use crate::access::Access;
 use crate::error::EdgeError;
 use crate::proxy::echo::EchoBody;
+use crate::proxy::h1::H1Body;
 use crate::usage::Usage;
 use crate::usage::scan::{Forward, JsonUsageScan, SseUsageScan};
 
@@ -116,8 +117,10 @@ impl Body for ChunksBody {
 
 /// A backend's response body: a remote server's, or the in-process echo's.
 pub enum UpstreamBody {
-    /// From a hyper client connection.
+    /// From an h2c connection of hyper's pooled client.
     Remote(Incoming),
+    /// From an HTTP/1.1 connection the body drives itself.
+    H1(H1Body),
     /// From `builtin:echo`.
     Echo(EchoBody),
 }
@@ -128,6 +131,9 @@ impl UpstreamBody {
             UpstreamBody::Remote(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(|e| tracing::debug!("upstream body failed: {e}")))),
+            UpstreamBody::H1(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|e| tracing::debug!("upstream body failed: {e}")))),
             UpstreamBody::Echo(b) => b.poll_frame(cx).map(|f| f.map(Ok)),
         }
     }
@@ -135,6 +141,7 @@ impl UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Remote(b) => b.is_end_stream(),
+            UpstreamBody::H1(b) => b.is_end_stream(),
             UpstreamBody::Echo(b) => b.is_end_stream(),
         }
     }
@@ -142,6 +149,7 @@ impl UpstreamBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::Remote(b) => b.size_hint(),
+            UpstreamBody::H1(b) => b.size_hint(),
             UpstreamBody::Echo(_) => SizeHint::default(),
         }
     }

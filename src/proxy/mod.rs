@@ -10,6 +10,7 @@ pub mod adapters;
 pub mod balance;
 pub mod client;
 pub mod echo;
+pub mod h1;
 pub mod health;
 pub mod pin;
 pub mod pool;
@@ -24,7 +25,7 @@ use crate::usage::scan::{JsonUsageScan, SseUsageScan};
 use adapters::{AdapterLoad, Ensured};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response};
+use http::{Method, Request, Response, Uri};
 use pin::Pinned;
 use pool::{Endpoint, EndpointSpec, Pool};
 use tokio::time::Instant;
@@ -223,18 +224,20 @@ impl Upstreams {
         len: usize,
         deadline: Instant,
     ) -> Attempt {
-        let client = match &endpoint.spec {
+        let (h2c, host) = match &endpoint.spec {
             EndpointSpec::Echo { word_delay } => {
                 let whole = chunks.concat();
                 let r = echo::respond(&whole, *word_delay);
                 return Attempt::Answered(r.map(UpstreamBody::Echo));
             }
-            EndpointSpec::Http { h2c, host, .. } => {
-                (pool.client.for_h2c(*h2c), (!*h2c).then_some(host))
-            }
+            EndpointSpec::Http { h2c, host, .. } => (*h2c, host),
         };
-        let (client, host) = client;
-        let Some(uri) = endpoint.uri(path) else {
+        // HTTP/1.1 requests name only the path (origin form); h2c ones the whole URI.
+        let uri = match &endpoint.conns {
+            Some(_) => endpoint.path(path).map(Uri::from),
+            None => endpoint.uri(path),
+        };
+        let Some(uri) = uri else {
             return Attempt::NotSent;
         };
         let mut req = Request::new(ChunksBody::new(Arc::clone(chunks), len));
@@ -242,7 +245,7 @@ impl Upstreams {
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;
         // Set here rather than by the client, which would format both for every request.
-        if let Some(host) = host {
+        if !h2c {
             req.headers_mut().insert(header::HOST, host.clone());
         }
         req.headers_mut()
@@ -251,7 +254,10 @@ impl Upstreams {
             req.headers_mut()
                 .insert(header::AUTHORIZATION, auth.clone());
         }
-        match tokio::time::timeout_at(deadline, client.request(req)).await {
+        if let Some(conns) = &endpoint.conns {
+            return attempt_h1(pool, endpoint, conns, req, deadline).await;
+        }
+        match tokio::time::timeout_at(deadline, pool.client.for_h2c(h2c).request(req)).await {
             Ok(Ok(response)) => Attempt::Answered(response.map(UpstreamBody::Remote)),
             Ok(Err(e)) if e.is_connect() => {
                 tracing::warn!(pool = %pool.name, endpoint = %endpoint.label, "upstream connect failed: {e}");
@@ -353,6 +359,55 @@ impl Upstreams {
         }
         let inner = Passthrough::new(body, self.idle, sse, scan, Some(guard));
         Response::from_parts(parts, EdgeBody::proxied(inner))
+    }
+}
+
+/// One attempt on an HTTP/1.1 endpoint: on an idle connection if there is one, else on a new
+/// one. A parked connection the backend closed before any of the request was written is
+/// replaced by a new one (the request goes out once); a new connection that fails the same way
+/// is a connect failure.
+async fn attempt_h1(
+    pool: &Pool,
+    endpoint: &Endpoint,
+    conns: &Arc<h1::Conns>,
+    mut req: Request<ChunksBody>,
+    deadline: Instant,
+) -> Attempt {
+    let mut parked = conns.take();
+    loop {
+        let reused = parked.is_some();
+        let mut conn = match parked.take() {
+            Some(conn) => conn,
+            None => match tokio::time::timeout_at(deadline, conns.connect()).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    tracing::warn!(pool = %pool.name, endpoint = %endpoint.label, "upstream connect failed: {e}");
+                    return Attempt::NotSent;
+                }
+                Err(_) => return Attempt::TimedOut,
+            },
+        };
+        match tokio::time::timeout_at(deadline, conn.send(req)).await {
+            Ok(Ok(response)) => {
+                let home = Arc::clone(conns);
+                return Attempt::Answered(
+                    response.map(|body| UpstreamBody::H1(h1::H1Body::new(body, conn, home))),
+                );
+            }
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(unsent) if reused => req = unsent,
+                unsent => {
+                    let e = e.into_error();
+                    tracing::warn!(pool = %pool.name, endpoint = %endpoint.label, "upstream request failed: {e}");
+                    return if unsent.is_some() {
+                        Attempt::NotSent
+                    } else {
+                        Attempt::Failed
+                    };
+                }
+            },
+            Err(_) => return Attempt::TimedOut,
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use crate::metrics as m;
 use crate::proxy::adapters::{AdapterLoads, AdapterSources};
 use crate::proxy::balance::{BalanceConfig, Balancer, RetryBudget};
 use crate::proxy::client::PoolClient;
+use crate::proxy::h1::Conns;
 
 /// How a pool's servers select a model or adapter, and so which body members the edge owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -117,6 +118,8 @@ pub struct Endpoint {
     pub spec: EndpointSpec,
     /// Metric handles, registered once so the request path only increments them.
     pub metrics: EndpointMetrics,
+    /// Connections for proxied requests, for an HTTP/1.1 endpoint.
+    pub conns: Option<Arc<Conns>>,
 }
 
 /// Per-endpoint metric handles.
@@ -150,6 +153,41 @@ pub struct PoolMetrics {
 }
 
 impl Endpoint {
+    /// An endpoint of pool `pool` from its config string; HTTP/1.1 endpoints get their own
+    /// connections (connect timeout `connect`, at most `max_idle` kept idle for `idle_for`).
+    pub fn new(
+        pool: &str,
+        label: &str,
+        connect: Duration,
+        max_idle: usize,
+        idle_for: Duration,
+    ) -> Result<Endpoint, String> {
+        let spec = EndpointSpec::parse(label)?;
+        let conns = match &spec {
+            EndpointSpec::Http {
+                authority,
+                h2c: false,
+                ..
+            } => {
+                let host = authority
+                    .host()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let port = authority.port_u16().unwrap_or(80);
+                Some(Arc::new(Conns::new(
+                    host, port, max_idle, idle_for, connect,
+                )))
+            }
+            _ => None,
+        };
+        Ok(Endpoint {
+            label: label.into(),
+            spec,
+            metrics: EndpointMetrics::new(pool, label),
+            conns,
+        })
+    }
+
     /// The upstream URI for any path (allocates; for health checks).
     pub fn uri_for(&self, path: &str) -> Option<Uri> {
         let EndpointSpec::Http {
@@ -161,23 +199,28 @@ impl Endpoint {
         format!("http://{authority}{prefix}{path}").parse().ok()
     }
 
-    /// The upstream URI for an operation path like `/v1/chat/completions`.
-    pub fn uri(&self, path: &'static str) -> Option<Uri> {
-        let EndpointSpec::Http {
-            authority, prefix, ..
-        } = &self.spec
-        else {
+    /// The upstream path for an operation path like `/v1/chat/completions` (behind the
+    /// endpoint's prefix, if any).
+    pub fn path(&self, path: &'static str) -> Option<PathAndQuery> {
+        let EndpointSpec::Http { prefix, .. } = &self.spec else {
             return None;
         };
-        let pq = if prefix.is_empty() {
-            PathAndQuery::from_static(path)
+        if prefix.is_empty() {
+            Some(PathAndQuery::from_static(path))
         } else {
-            PathAndQuery::try_from(format!("{prefix}{path}")).ok()?
+            PathAndQuery::try_from(format!("{prefix}{path}")).ok()
+        }
+    }
+
+    /// The absolute upstream URI for an operation path like `/v1/chat/completions`.
+    pub fn uri(&self, path: &'static str) -> Option<Uri> {
+        let EndpointSpec::Http { authority, .. } = &self.spec else {
+            return None;
         };
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(Scheme::HTTP);
         parts.authority = Some(authority.clone());
-        parts.path_and_query = Some(pq);
+        parts.path_and_query = Some(self.path(path)?);
         Uri::from_parts(parts).ok()
     }
 }
@@ -301,11 +344,7 @@ impl Pools {
                 .endpoints
                 .iter()
                 .map(|e| {
-                    EndpointSpec::parse(e).map(|spec| Endpoint {
-                        label: e.as_str().into(),
-                        spec,
-                        metrics: EndpointMetrics::new(&p.name, e),
-                    })
+                    Endpoint::new(&p.name, e, connect, p.max_idle_per_endpoint, p.idle_timeout)
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("pool {}: {e}", p.name))?;
@@ -430,10 +469,9 @@ mod tests {
             name: "p".into(),
             endpoints: endpoints
                 .iter()
-                .map(|e| Endpoint {
-                    label: (*e).into(),
-                    spec: EndpointSpec::parse(e).unwrap(),
-                    metrics: EndpointMetrics::new("p", e),
+                .map(|e| {
+                    Endpoint::new("p", e, Duration::from_secs(1), 1, Duration::from_secs(1))
+                        .unwrap()
                 })
                 .collect(),
             retries,
