@@ -36,6 +36,9 @@ pub const USAGE_TOKENS: &str = "arkor_edge_usage_tokens_total";
 /// Usage reports posted, by `result` (`ok`, `failed`, `dropped`).
 pub const USAGE_REPORTS: &str = "arkor_edge_usage_reports_total";
 
+/// Idle HTTP/1.1 client connections parked without buffers, waiting for their next request.
+pub const PARKED_CONNECTIONS: &str = "arkor_edge_parked_connections";
+
 /// Per pool and endpoint (endpoints are few, so these labels are bounded): requests in flight.
 pub const ENDPOINT_IN_FLIGHT: &str = "arkor_edge_endpoint_in_flight";
 /// Attempts sent to an endpoint.
@@ -114,6 +117,10 @@ fn describe() {
         RESPONSE_BYTES,
         Unit::Bytes,
         "Response body bytes sent to clients."
+    );
+    describe_gauge!(
+        PARKED_CONNECTIONS,
+        "Idle HTTP/1.1 client connections parked without buffers."
     );
     describe_gauge!(REVISION, "Highest control-plane revision applied.");
     describe_gauge!(ENTRIES, "Deployments and keys held.");

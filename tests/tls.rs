@@ -243,3 +243,35 @@ async fn streams_over_tls_and_http2() {
     assert!(rest.ends_with(b"data: [DONE]\n\n"));
     t.edge.stop().await;
 }
+
+#[tokio::test]
+async fn an_idle_tls_connection_is_parked_and_served_again() {
+    let t = tls_edge().await;
+    let stream = connect(
+        &t.ca.client(&[b"http/1.1"]),
+        t.edge.https.unwrap(),
+        "keyed.arkor.app",
+    )
+    .await
+    .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    for host in ["keyed.arkor.app", "keyed.arkor.app", "other.arkor.app"] {
+        // Longer than the edge's parking delay: every request after the first wakes a parked
+        // connection, which keeps its TLS session and its SNI.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let req = Request::get("/v1/models")
+            .header("host", host)
+            .header("authorization", bearer(KEYED_KEY))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let want = if host == "keyed.arkor.app" { 200 } else { 421 };
+        assert_eq!(resp.status().as_u16(), want, "{host}");
+        resp.into_body().collect().await.unwrap();
+    }
+    assert!(!conn.is_finished(), "the connection was closed");
+    t.edge.stop().await;
+}

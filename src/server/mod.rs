@@ -1,28 +1,30 @@
-//! The data listeners: accept loop, connection cap, TLS handshake, HTTP/1.1 and HTTP/2 via
-//! hyper-util's `auto::Builder`, and graceful shutdown.
+//! The data listeners: accept loop, connection cap, TLS handshake, and graceful shutdown; each
+//! connection is served by [`conn`] (HTTP/1.1 or HTTP/2) over the streams of [`io`].
 //!
 //! A connection slot is taken before anything else is done for a connection; when none is free
 //! the socket is closed at once, which costs the edge almost nothing. The TLS handshake runs in
 //! the connection's own task under `tls.handshake_timeout`, so a slow handshake holds one slot
 //! and nothing else.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
+mod conn;
+mod io;
+
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use http::HeaderValue;
-use hyper::rt::{Read, Write};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::router::{self, ConnInfo, Edge};
+pub use conn::PARK_AFTER;
+use conn::{Builders, Conn};
+
+use crate::router::Edge;
 use crate::tls::normalise_sni;
 
 /// HTTP/2 streams one client connection may have open at once.
@@ -56,7 +58,7 @@ pub async fn serve(
     slots: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) {
-    let builder = builder(&limits);
+    let builders = builders(&limits);
     // Cancelled when the grace is over: connections still open are then dropped.
     let force = CancellationToken::new();
     let mut backoff = Duration::from_millis(5);
@@ -84,7 +86,7 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let conn = Conn {
-            builder: builder.clone(),
+            builders: builders.clone(),
             shutdown: shutdown.clone(),
             force: force.clone(),
             client_idle: limits.client_idle,
@@ -93,7 +95,9 @@ pub async fn serve(
             slot,
         };
         match &tls {
-            None => conn.spawn(TokioIo::new(stream), None),
+            None => {
+                tokio::spawn(conn.serve(stream, None));
+            }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
                 let timeout = limits.handshake_timeout;
@@ -101,7 +105,7 @@ pub async fn serve(
                     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let sni = tls.get_ref().1.server_name().map(normalise_sni);
-                            conn.serve(TokioIo::new(tls), sni.map(Arc::from)).await;
+                            conn.serve(tls, sni.map(Arc::from)).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, "tls handshake failed: {e}"),
                         Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
@@ -121,15 +125,14 @@ pub async fn serve(
     }
 }
 
-fn builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
+fn builders(limits: &ServerLimits) -> Builders {
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
         .header_read_timeout(limits.client_header)
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .initial_stream_window_size(H2_STREAM_WINDOW)
@@ -137,23 +140,33 @@ fn builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
         .max_send_buf_size(H2_SEND_BUFFER)
         .keep_alive_interval(Some(H2_PING_INTERVAL))
         .keep_alive_timeout(H2_PING_INTERVAL);
-    b
+    Builders {
+        h1,
+        h2,
+        client_header: limits.client_header,
+        parked: metrics::gauge!(crate::metrics::PARKED_CONNECTIONS),
+    }
 }
 
 /// How often an HTTP/2 connection is pinged to find dead peers (one missed answer closes it).
 pub const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 
-/// Requests in flight on one connection, and when the last one ended: what the idle timer reads.
+/// Requests in flight on one connection, how many have started and ended, and when the last
+/// one ended: what the idle and parking timers read.
 #[derive(Debug)]
 pub struct Activity {
-    in_flight: std::sync::atomic::AtomicUsize,
+    in_flight: AtomicUsize,
+    started: AtomicU64,
+    ended: AtomicU64,
     idle_since: std::sync::Mutex<Instant>,
 }
 
 impl Activity {
     fn new() -> Arc<Activity> {
         Arc::new(Activity {
-            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
             idle_since: std::sync::Mutex::new(Instant::now()),
         })
     }
@@ -161,14 +174,29 @@ impl Activity {
     /// Marks a request as started; the guard marks it finished when dropped (with its
     /// response body, so a stream counts until its last byte).
     pub fn enter(self: &Arc<Self>) -> InFlight {
-        self.in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.started.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(Arc::clone(self))
+    }
+
+    /// How many requests have started on the connection.
+    fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// How many requests have ended on the connection.
+    fn ended(&self) -> u64 {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// Whether a request is in flight.
+    fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
     }
 
     /// How long the connection has had no request in flight, if it has none.
     fn idle_for(&self) -> Option<Duration> {
-        if self.in_flight.load(std::sync::atomic::Ordering::Acquire) > 0 {
+        if self.busy() {
             return None;
         }
         let since = *self.idle_since.lock().unwrap_or_else(|e| e.into_inner());
@@ -184,87 +212,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let a = &self.0;
         *a.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-        a.in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
-/// One accepted connection, its slot held until it ends.
-struct Conn {
-    builder: auto::Builder<TokioExecutor>,
-    shutdown: CancellationToken,
-    force: CancellationToken,
-    client_idle: Duration,
-    edge: Arc<Edge>,
-    peer: SocketAddr,
-    slot: OwnedSemaphorePermit,
-}
-
-impl Conn {
-    fn spawn<I>(self, io: I, sni: Option<Arc<str>>)
-    where
-        I: Read + Write + Unpin + Send + 'static,
-    {
-        tokio::spawn(self.serve(io, sni));
-    }
-
-    /// Serves the connection until it ends; closes it gracefully on shutdown, or once it has
-    /// had no request in flight for `client_idle`.
-    async fn serve<I>(self, io: I, sni: Option<Arc<str>>)
-    where
-        I: Read + Write + Unpin + Send + 'static,
-    {
-        let Conn {
-            builder,
-            shutdown,
-            force,
-            client_idle,
-            edge,
-            peer,
-            slot,
-        } = self;
-        let info = ConnInfo {
-            peer_ip: peer.ip(),
-            client_ip: HeaderValue::from_str(&peer.ip().to_string())
-                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-            sni,
-        };
-        let activity = Activity::new();
-        let tracker = Arc::clone(&activity);
-        let service = service_fn(move |req| {
-            let edge = Arc::clone(&edge);
-            let info = info.clone();
-            let in_flight = tracker.enter();
-            async move {
-                let mut response = router::handle(&edge, &info, req).await;
-                response.body_mut().hold(in_flight);
-                Ok::<_, Infallible>(response)
-            }
-        });
-        let conn = builder.serve_connection(io, service).into_owned();
-        let mut conn = std::pin::pin!(conn);
-        let mut closing = false;
-        let mut check = tokio::time::interval(client_idle / 4);
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let result = loop {
-            tokio::select! {
-                result = conn.as_mut() => break result,
-                _ = force.cancelled() => break Ok(()),
-                _ = shutdown.cancelled(), if !closing => {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                _ = check.tick(), if !closing => {
-                    if activity.idle_for().is_some_and(|idle| idle >= client_idle) {
-                        closing = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                }
-            }
-        };
-        if let Err(e) = result {
-            tracing::debug!(%peer, "connection ended: {e}");
-        }
-        drop(slot);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+        a.ended.fetch_add(1, Ordering::Release);
     }
 }

@@ -1,0 +1,349 @@
+//! One client connection, from its first byte to its close.
+//!
+//! The protocol is told by ALPN, or else by the first bytes (HTTP/2's preface). An HTTP/2
+//! connection is one hyper connection for its life. An HTTP/1.1 connection is served by a hyper
+//! connection only while it is in use: once it has had no request in flight for
+//! [`PARK_AFTER`], the hyper connection is ended (it is idle, so nothing is cut) and the socket
+//! is parked: it waits for the client's next bytes holding no buffer, and a new hyper connection
+//! picks them up. hyper keeps about 16 KiB of buffers per connection; a parked one costs the
+//! edge its task (under 3 KiB) and its socket. nginx frees an idle keep-alive connection's
+//! buffers the same way. A head half read when the connection is parked is read again by the
+//! next hyper connection, and parking then waits for a request to start, so the header timeout
+//! still bounds a slow client.
+//!
+//! A connection closes gracefully on shutdown, or once it has had no request in flight for
+//! `timeouts.client_idle`; it is dropped when the shutdown grace is over.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Activity;
+use super::io::{ClientStream, Rewind, sniff_h2};
+use crate::router::{self, ConnInfo, Edge};
+use crate::stream::EdgeBody;
+
+/// How long an HTTP/1.1 connection keeps its hyper connection after its last request: long
+/// enough that a client sending requests back to back keeps it (rebuilding one costs a few
+/// microseconds of CPU), short enough that a burst of clients that then go idle never holds
+/// many buffers at once (the allocator keeps the high-water mark).
+pub const PARK_AFTER: Duration = Duration::from_millis(10);
+
+/// How long a connection that is closing may take to flush its last bytes.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The protocol builders every connection of a listener uses.
+#[derive(Clone)]
+pub struct Builders {
+    pub h1: http1::Builder,
+    pub h2: http2::Builder<TokioExecutor>,
+    pub client_header: Duration,
+    /// Connections parked now.
+    pub parked: metrics::Gauge,
+}
+
+/// One accepted connection, its slot held until it ends.
+pub struct Conn {
+    pub builders: Builders,
+    pub shutdown: CancellationToken,
+    pub force: CancellationToken,
+    pub client_idle: Duration,
+    pub edge: Arc<Edge>,
+    pub peer: SocketAddr,
+    pub slot: OwnedSemaphorePermit,
+}
+
+/// Why a hyper connection was asked to end.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// It has not been.
+    No,
+    /// It has been idle for `PARK_AFTER`: park the socket.
+    Park,
+    /// Shutdown, or idle for `client_idle`: close.
+    Close,
+}
+
+impl Conn {
+    /// Serves the connection until it ends.
+    pub async fn serve<S: ClientStream>(self, mut stream: S, sni: Option<Arc<str>>) {
+        let peer = self.peer;
+        let info = ConnInfo {
+            peer_ip: peer.ip(),
+            client_ip: HeaderValue::from_str(&peer.ip().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            sni,
+        };
+        let activity = Activity::new();
+        let tracker = Arc::clone(&activity);
+        let edge = Arc::clone(&self.edge);
+        // Boxed per request so hyper's connection can be taken apart when it ends (it needs
+        // an `Unpin` future for that); the router keeps its request future in this one box.
+        let service = service_fn(move |req: http::Request<Incoming>| {
+            let edge = Arc::clone(&edge);
+            let info = info.clone();
+            let in_flight = tracker.enter();
+            Box::pin(async move {
+                let mut response = router::handle(&edge, &info, req).await;
+                response.body_mut().hold(in_flight);
+                Ok::<_, Infallible>(response)
+            })
+        });
+        let (h2, prefix) = match stream.alpn_h2() {
+            Some(h2) => (h2, Bytes::new()),
+            None => {
+                let sniffed = tokio::select! {
+                    s = tokio::time::timeout(self.builders.client_header, sniff_h2(&mut stream)) => s,
+                    _ = self.shutdown.cancelled() => return,
+                };
+                match sniffed {
+                    Ok(Ok(Some(found))) => found,
+                    Ok(Ok(None)) => return,
+                    Ok(Err(e)) => return tracing::debug!(%peer, "connection failed: {e}"),
+                    Err(_) => return tracing::debug!(%peer, "no request within client_header"),
+                }
+            }
+        };
+        let stream = Rewind::new(stream, prefix);
+        if h2 {
+            // Boxed: an HTTP/1.1 connection's task is then sized for HTTP/1.1's states.
+            Box::pin(self.serve_h2(stream, service, &activity)).await;
+        } else {
+            self.serve_h1(stream, service, &activity).await;
+        }
+    }
+
+    /// HTTP/2: one hyper connection until the client, shutdown or the idle timeout ends it.
+    async fn serve_h2<S, F>(self, stream: Rewind<S>, service: F, activity: &Activity)
+    where
+        S: ClientStream,
+        F: hyper::service::Service<
+                http::Request<Incoming>,
+                Response = http::Response<EdgeBody>,
+                Error = Infallible,
+            > + Send
+            + 'static,
+        F::Future: Send + 'static,
+    {
+        let conn = self
+            .builders
+            .h2
+            .serve_connection(TokioIo::new(stream), service);
+        let mut conn = std::pin::pin!(conn);
+        let mut ending = Ending::No;
+        let idle = tokio::time::sleep(self.client_idle / 4);
+        let mut idle = std::pin::pin!(idle);
+        let result = loop {
+            tokio::select! {
+                result = conn.as_mut() => break result,
+                _ = self.force.cancelled() => break Ok(()),
+                _ = self.shutdown.cancelled(), if ending == Ending::No => {
+                    ending = Ending::Close;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = idle.as_mut(), if ending == Ending::No => {
+                    if activity.idle_for().is_some_and(|idle| idle >= self.client_idle) {
+                        ending = Ending::Close;
+                        conn.as_mut().graceful_shutdown();
+                    } else {
+                        idle.as_mut().reset(Instant::now() + self.client_idle / 4);
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(peer = %self.peer, "connection ended: {e}");
+        }
+        drop(self.slot);
+    }
+
+    /// HTTP/1.1: a hyper connection while requests come, the socket parked between them.
+    async fn serve_h1<S, F>(self, mut stream: Rewind<S>, service: F, activity: &Activity)
+    where
+        S: ClientStream,
+        F: hyper::service::Service<
+                http::Request<Incoming>,
+                Response = http::Response<EdgeBody>,
+                Error = Infallible,
+            > + Clone
+            + Unpin
+            + Send
+            + 'static,
+        F::Future: Unpin + Send + 'static,
+    {
+        let peer = self.peer;
+        // Requests started when the last parking found a request's head half read: the socket
+        // is not parked again before the next request starts, so the header timeout holds.
+        let mut no_park_before: Option<u64> = None;
+        loop {
+            // Boxed, like the future that drives it: a parked connection's task holds neither.
+            let mut conn = Box::new(
+                self.builders
+                    .h1
+                    .serve_connection(TokioIo::new(stream), service.clone()),
+            );
+            let Some((ending, result)) =
+                Box::pin(self.drive_h1(&mut conn, activity, no_park_before)).await
+            else {
+                return;
+            };
+            let parts = conn.into_parts();
+            let (inner, unread) = parts.io.into_inner().into_parts();
+            let mut unread_buf = parts.read_buf;
+            if unread.is_empty() {
+                drop(unread);
+            } else {
+                // Bytes put back before hyper read them again (its own buffer comes first).
+                let mut all = Vec::with_capacity(unread_buf.len() + unread.len());
+                all.extend_from_slice(&unread_buf);
+                all.extend_from_slice(&unread);
+                unread_buf = Bytes::from(all);
+            }
+            if let Err(e) = result {
+                tracing::debug!(%peer, "connection ended: {e}");
+                return;
+            }
+            if ending != Ending::Park {
+                // The client closed, keep-alive ended, or the edge is closing: say goodbye.
+                let mut inner = inner;
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, inner.shutdown()).await;
+                return;
+            }
+            stream = if unread_buf.is_empty() {
+                // Even empty, it holds hyper's whole read buffer.
+                drop(unread_buf);
+                match self.park(inner, activity).await {
+                    Some(s) => Rewind::new(s, Bytes::new()),
+                    None => return,
+                }
+            } else {
+                // A request began arriving as the connection was parked: serve it at once.
+                no_park_before = Some(activity.started());
+                Rewind::new(inner, unread_buf)
+            };
+        }
+    }
+
+    /// Drives one hyper HTTP/1.1 connection until it ends: by itself (the client closed, or
+    /// asked to), or because it was asked to end for shutdown, for `client_idle`, or for
+    /// parking (not before request number `no_park_before` + 1 started, when given). Returns how
+    /// it was asked to end and how it ended; `None` when the shutdown grace ran out.
+    async fn drive_h1<I, F>(
+        &self,
+        conn: &mut http1::Connection<I, F>,
+        activity: &Activity,
+        no_park_before: Option<u64>,
+    ) -> Option<(Ending, hyper::Result<()>)>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin,
+        F: hyper::service::Service<
+                http::Request<Incoming>,
+                Response = http::Response<EdgeBody>,
+                Error = Infallible,
+            > + Unpin,
+        F::Future: Unpin,
+    {
+        let mut ending = Ending::No;
+        // Requests ended when the timer was last armed for the connection's idleness.
+        let mut seen_ended = activity.ended();
+        let timer = tokio::time::sleep(PARK_AFTER);
+        let mut timer = std::pin::pin!(timer);
+        loop {
+            // Ready when the connection ended (`Some`), or when it just went idle: a request
+            // ended since the timer was last armed and none is in flight (`None`). Requests
+            // start and end inside this poll, so the timer is armed once per idle spell and
+            // never wakes a busy connection.
+            let event = std::future::poll_fn(|cx| match conn.poll_without_shutdown(cx) {
+                Poll::Ready(result) => Poll::Ready(Some(result)),
+                Poll::Pending if !activity.busy() && activity.ended() != seen_ended => {
+                    Poll::Ready(None)
+                }
+                Poll::Pending => Poll::Pending,
+            });
+            tokio::select! {
+                event = event => match event {
+                    Some(result) => return Some((ending, result)),
+                    None => {
+                        seen_ended = activity.ended();
+                        if ending == Ending::No {
+                            timer.as_mut().reset(Instant::now() + PARK_AFTER);
+                        }
+                    }
+                },
+                _ = self.force.cancelled() => return None,
+                _ = self.shutdown.cancelled(), if ending != Ending::Close => {
+                    ending = Ending::Close;
+                    Pin::new(&mut *conn).graceful_shutdown();
+                }
+                _ = timer.as_mut(), if ending == Ending::No => {
+                    let parkable = no_park_before.is_none_or(|n| activity.started() > n);
+                    let now = Instant::now();
+                    match activity.idle_for() {
+                        // Re-armed when the request ends.
+                        None => timer.as_mut().reset(now + self.client_idle),
+                        Some(idle) if idle >= self.client_idle => {
+                            ending = Ending::Close;
+                            Pin::new(&mut *conn).graceful_shutdown();
+                        }
+                        Some(idle) if idle >= PARK_AFTER && parkable => {
+                            ending = Ending::Park;
+                            Pin::new(&mut *conn).graceful_shutdown();
+                        }
+                        Some(idle) if parkable => timer.as_mut().reset(now + (PARK_AFTER - idle)),
+                        Some(idle) => timer.as_mut().reset(now + (self.client_idle - idle)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for the client's next bytes, holding no buffer. `None` when the connection should
+    /// close instead: the client closed it, it stayed idle for `client_idle`, or the edge is
+    /// shutting down.
+    async fn park<S: ClientStream>(&self, mut stream: S, activity: &Activity) -> Option<S> {
+        let idle = activity.idle_for().unwrap_or_default();
+        let left = self.client_idle.saturating_sub(idle);
+        self.builders.parked.increment(1.0);
+        let _unpark = Unpark(&self.builders.parked);
+        tokio::select! {
+            came = tokio::time::timeout(left, stream.wait_for_data()) => match came {
+                Ok(Ok(true)) => Some(stream),
+                Ok(Ok(false)) => None,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %self.peer, "connection ended: {e}");
+                    None
+                }
+                Err(_) => {
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
+                    None
+                }
+            },
+            _ = self.shutdown.cancelled() => {
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
+                None
+            }
+        }
+    }
+}
+
+/// Counts a connection out of the parked ones, however its wait ends.
+struct Unpark<'a>(&'a metrics::Gauge);
+
+impl Drop for Unpark<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
