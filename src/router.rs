@@ -202,18 +202,8 @@ async fn serve(
                 deployment: Arc::clone(&deployment),
                 key,
             });
-            // Boxed: the upstream exchange is most of this future's size, and hyper keeps a
-            // slot of that size per client connection, idle or not (8 KiB each unboxed).
-            Box::pin(forward(
-                edge,
-                conn,
-                req,
-                &deployment,
-                path,
-                request_id,
-                access,
-            ))
-            .await
+            // Not boxed here: the listener boxes each request's whole future once.
+            forward(edge, conn, req, &deployment, path, request_id, access).await
         }
     }
 }

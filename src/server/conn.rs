@@ -90,8 +90,10 @@ impl Conn {
         let activity = Activity::new();
         let tracker = Arc::clone(&activity);
         let edge = Arc::clone(&self.edge);
-        // Boxed per request so hyper's connection can be taken apart when it ends (it needs
-        // an `Unpin` future for that); the router keeps its request future in this one box.
+        // Each request's future is boxed, once (the router boxes nothing more): hyper then
+        // keeps a pointer per connection rather than a slot the size of the largest request
+        // state, and its HTTP/1.1 connection can be taken apart for parking (that needs an
+        // `Unpin` future).
         let service = service_fn(move |req: http::Request<Incoming>| {
             let edge = Arc::clone(&edge);
             let info = info.clone();
