@@ -86,8 +86,9 @@ pub fn handle() -> PrometheusHandle {
 }
 
 /// How often histogram samples are folded into their buckets when nobody scrapes: the recorder
-/// keeps raw samples until then, so without it memory would grow with every request.
-pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// keeps raw samples until then (8 bytes each, one per streamed chunk for the chunk-gap
+/// histogram), so memory holds one interval's samples: at 200,000 chunks a second, 1.6 MB.
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Folds histogram samples every [`UPKEEP_INTERVAL`] until `shutdown`.
 pub async fn upkeep(handle: PrometheusHandle, shutdown: tokio_util::sync::CancellationToken) {
