@@ -4,12 +4,12 @@
 //!
 //! | module | role |
 //! |---|---|
-//! | [`server`] | accept loop, connection cap, HTTP/1.1 + h2c, graceful shutdown |
+//! | [`server`] | accept loop, connection cap, HTTP/1.1 (idle connections parked) + HTTP/2, graceful shutdown |
 //! | [`router`] | SPEC §2's decision order: host → deployment → preflight → key → route |
 //! | [`host`] | `Host` / `:authority` → [`host::Slug`] |
 //! | [`auth`] | Bearer parsing, [`auth::KeyHash`] (SHA-256), redacted prefixes |
 //! | [`registry`] | deployments by slug and keys by hash; one writer, sharded readers |
-//! | [`proxy`] | pools, model pinning ([`proxy::pin`]), vLLM adapter loads ([`proxy::adapters`]), the upstream client, `builtin:echo` |
+//! | [`proxy`] | pools, model pinning ([`proxy::pin`]), vLLM adapter loads ([`proxy::adapters`]), upstream HTTP/1.1 connections driven by their request ([`proxy::h1`]), `builtin:echo` |
 //! | [`stream`] | body limits, pass-through with idle timeout, terminal SSE error event |
 //! | [`error`] | [`error::EdgeError`]: every failure's status, code and OpenAI envelope |
 //!

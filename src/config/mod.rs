@@ -460,12 +460,11 @@ impl Default for Limits {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
-    /// A client must send a whole request head within this (HTTP/1.1; it also bounds the
-    /// idle wait for the next request on a keep-alive connection).
+    /// A client must send a whole request head within this once its first bytes came
+    /// (HTTP/1.1), and a new connection its first bytes.
     #[serde(with = "humantime_serde")]
     pub client_header: Duration,
-    /// A connection with no request in flight for this long is closed (HTTP/2; on HTTP/1.1
-    /// the wait for the next request head is bounded by `client_header`, the shorter one wins).
+    /// A connection with no request in flight for this long is closed (HTTP/1.1 and HTTP/2).
     #[serde(with = "humantime_serde")]
     pub client_idle: Duration,
     /// A client must send its whole request body within this.

@@ -1,5 +1,7 @@
-//! The pooled HTTP clients of one backend pool: HTTP/1.1 and h2c (prior knowledge), with the
-//! pool's connect timeout and idle-connection settings.
+//! hyper's pooled HTTP clients for one backend pool, with the pool's connect timeout and
+//! idle-connection settings: h2c (prior knowledge) for proxied requests to h2c endpoints, and
+//! both protocols for the edge's own calls (health checks, adapter loads). Proxied requests to
+//! HTTP/1.1 endpoints use [`super::h1`].
 
 use std::time::Duration;
 

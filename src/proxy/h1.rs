@@ -357,6 +357,17 @@ mod tests {
         (port, accepted)
     }
 
+    /// Connections to the test backend on `port`, connecting within a second.
+    fn conns(port: u16, max_idle: usize, idle_for: Duration) -> Arc<Conns> {
+        Arc::new(Conns::new(
+            "127.0.0.1",
+            port,
+            max_idle,
+            idle_for,
+            Duration::from_secs(1),
+        ))
+    }
+
     fn request() -> Request<ChunksBody> {
         let body = ChunksBody::new(Arc::from(vec![Bytes::from_static(b"{}")]), 2);
         let mut req = Request::new(body);
@@ -391,13 +402,7 @@ mod tests {
     async fn a_body_read_to_its_end_gives_the_connection_back() {
         for (answer, expect) in [(SIZED, "hello"), (CHUNKED, "abcde")] {
             let (port, accepted) = backend(answer, usize::MAX).await;
-            let conns = Arc::new(Conns::new(
-                "127.0.0.1",
-                port,
-                4,
-                Duration::from_secs(30),
-                Duration::from_secs(1),
-            ));
+            let conns = conns(port, 4, Duration::from_secs(30));
             for _ in 0..5 {
                 assert_eq!(exchange(&conns).await, expect);
                 assert_eq!(conns.idle(), 1, "{answer}");
@@ -409,13 +414,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_dropped_early_closes_the_connection() {
         let (port, accepted) = backend(CHUNKED, usize::MAX).await;
-        let conns = Arc::new(Conns::new(
-            "127.0.0.1",
-            port,
-            4,
-            Duration::from_secs(30),
-            Duration::from_secs(1),
-        ));
+        let conns = conns(port, 4, Duration::from_secs(30));
         let mut conn = conns.connect().await.unwrap();
         let response = conn
             .send(request())
@@ -432,13 +431,7 @@ mod tests {
     async fn a_connection_the_backend_closed_is_not_taken() {
         // One answer per connection, then the backend closes it.
         let (port, accepted) = backend(SIZED, 1).await;
-        let conns = Arc::new(Conns::new(
-            "127.0.0.1",
-            port,
-            4,
-            Duration::from_secs(30),
-            Duration::from_secs(1),
-        ));
+        let conns = conns(port, 4, Duration::from_secs(30));
         assert_eq!(exchange(&conns).await, "hello");
         // Parked, then closed by the backend: the sweep (or the next take) notices.
         let mut waited = 0;
@@ -455,13 +448,7 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_expire_and_are_bounded() {
         let (port, _) = backend(SIZED, usize::MAX).await;
-        let conns = Arc::new(Conns::new(
-            "127.0.0.1",
-            port,
-            2,
-            Duration::from_millis(50),
-            Duration::from_secs(1),
-        ));
+        let conns = conns(port, 2, Duration::from_millis(50));
         let mut held = Vec::new();
         for _ in 0..3 {
             let mut conn = conns.connect().await.unwrap();

@@ -1,4 +1,5 @@
-//! The upstream side: pooled clients, the attempt loop, and the headers each way.
+//! The upstream side: connections ([`h1`] for HTTP/1.1 endpoints, hyper's pooled client for h2c),
+//! the attempt loop, and the headers each way.
 //!
 //! A request is sent to the endpoints of its pool in pick order. It moves on to the next endpoint
 //! only when the connection could not be made (connect refused or timed out) or the endpoint

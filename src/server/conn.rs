@@ -16,6 +16,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -24,7 +25,6 @@ use bytes::Bytes;
 use http::HeaderValue;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::OwnedSemaphorePermit;
@@ -88,22 +88,11 @@ impl Conn {
             sni,
         };
         let activity = Activity::new();
-        let tracker = Arc::clone(&activity);
-        let edge = Arc::clone(&self.edge);
-        // Each request's future is boxed, once (the router boxes nothing more): hyper then
-        // keeps a pointer per connection rather than a slot the size of the largest request
-        // state, and its HTTP/1.1 connection can be taken apart for parking (that needs an
-        // `Unpin` future).
-        let service = service_fn(move |req: http::Request<Incoming>| {
-            let edge = Arc::clone(&edge);
-            let info = info.clone();
-            let in_flight = tracker.enter();
-            Box::pin(async move {
-                let mut response = router::handle(&edge, &info, req).await;
-                response.body_mut().hold(in_flight);
-                Ok::<_, Infallible>(response)
-            })
-        });
+        let service = Handler {
+            edge: Arc::clone(&self.edge),
+            info,
+            activity: Arc::clone(&activity),
+        };
         let (h2, prefix) = match stream.alpn_h2() {
             Some(h2) => (h2, Bytes::new()),
             None => {
@@ -129,17 +118,12 @@ impl Conn {
     }
 
     /// HTTP/2: one hyper connection until the client, shutdown or the idle timeout ends it.
-    async fn serve_h2<S, F>(self, stream: Rewind<S>, service: F, activity: &Activity)
-    where
-        S: ClientStream,
-        F: hyper::service::Service<
-                http::Request<Incoming>,
-                Response = http::Response<EdgeBody>,
-                Error = Infallible,
-            > + Send
-            + 'static,
-        F::Future: Send + 'static,
-    {
+    async fn serve_h2<S: ClientStream>(
+        self,
+        stream: Rewind<S>,
+        service: Handler,
+        activity: &Activity,
+    ) {
         let conn = self
             .builders
             .h2
@@ -173,19 +157,12 @@ impl Conn {
     }
 
     /// HTTP/1.1: a hyper connection while requests come, the socket parked between them.
-    async fn serve_h1<S, F>(self, mut stream: Rewind<S>, service: F, activity: &Activity)
-    where
-        S: ClientStream,
-        F: hyper::service::Service<
-                http::Request<Incoming>,
-                Response = http::Response<EdgeBody>,
-                Error = Infallible,
-            > + Clone
-            + Unpin
-            + Send
-            + 'static,
-        F::Future: Unpin + Send + 'static,
-    {
+    async fn serve_h1<S: ClientStream>(
+        self,
+        mut stream: Rewind<S>,
+        service: Handler,
+        activity: &Activity,
+    ) {
         let peer = self.peer;
         // Requests started when the last parking found a request's head half read: the socket
         // is not parked again before the next request starts, so the header timeout holds.
@@ -243,20 +220,14 @@ impl Conn {
     /// asked to), or because it was asked to end for shutdown, for `client_idle`, or for
     /// parking (not before request number `no_park_before` + 1 started, when given). Returns how
     /// it was asked to end and how it ended; `None` when the shutdown grace ran out.
-    async fn drive_h1<I, F>(
+    async fn drive_h1<I>(
         &self,
-        conn: &mut http1::Connection<I, F>,
+        conn: &mut http1::Connection<I, Handler>,
         activity: &Activity,
         no_park_before: Option<u64>,
     ) -> Option<(Ending, hyper::Result<()>)>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin,
-        F: hyper::service::Service<
-                http::Request<Incoming>,
-                Response = http::Response<EdgeBody>,
-                Error = Infallible,
-            > + Unpin,
-        F::Future: Unpin,
     {
         let mut ending = Ending::No;
         // Requests ended when the timer was last armed for the connection's idleness.
@@ -338,6 +309,39 @@ impl Conn {
                 None
             }
         }
+    }
+}
+
+/// A connection's request handler: the router, with the request counted on the connection
+/// until its response body ends.
+///
+/// Each request's future is boxed, once (the router boxes nothing more): hyper then keeps a
+/// pointer per connection rather than a slot the size of the largest request state, and its
+/// HTTP/1.1 connection can be taken apart for parking (that needs an `Unpin` future).
+#[derive(Clone)]
+struct Handler {
+    edge: Arc<Edge>,
+    info: ConnInfo,
+    activity: Arc<Activity>,
+}
+
+type HandlerFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<EdgeBody>, Infallible>> + Send>>;
+
+impl hyper::service::Service<http::Request<Incoming>> for Handler {
+    type Response = http::Response<EdgeBody>;
+    type Error = Infallible;
+    type Future = HandlerFuture;
+
+    fn call(&self, req: http::Request<Incoming>) -> HandlerFuture {
+        let edge = Arc::clone(&self.edge);
+        let info = self.info.clone();
+        let in_flight = self.activity.enter();
+        Box::pin(async move {
+            let mut response = router::handle(&edge, &info, req).await;
+            response.body_mut().hold(in_flight);
+            Ok(response)
+        })
     }
 }
 
