@@ -164,16 +164,15 @@ impl Conns {
         }))
     }
 
-    /// Parks a connection whose exchange ended, if it can carry another one; the oldest parked
-    /// connection makes room when the list is full.
-    fn put(&self, mut conn: Box<Conn>) {
+    /// Parks a connection whose exchange ended at `since` (the last byte of the response came
+    /// then: the backend's keep-alive clock runs from about that moment, not from when the
+    /// client finished reading), if it can carry another one; the oldest parked connection
+    /// makes room when the list is full.
+    fn put(&self, mut conn: Box<Conn>, since: Instant) {
         if self.max_idle == 0 || !conn.reusable() {
             return;
         }
-        let parked = Parked {
-            conn,
-            since: Instant::now(),
-        };
+        let parked = Parked { conn, since };
         let evicted = {
             let mut idle = self.lock();
             let evicted = if idle.len() >= self.max_idle {
@@ -232,17 +231,19 @@ pub struct H1Body {
     body: Incoming,
     conn: Option<Box<Conn>>,
     home: Arc<Conns>,
-    ended: bool,
+    /// When the response's last byte came, once it did.
+    ended: Option<Instant>,
 }
 
 impl H1Body {
     /// The body of a response received on `conn`, which returns to `home` after the body.
     pub fn new(body: Incoming, conn: Box<Conn>, home: Arc<Conns>) -> H1Body {
+        let ended = body.is_end_stream().then(Instant::now);
         H1Body {
             body,
             conn: Some(conn),
             home,
-            ended: false,
+            ended,
         }
     }
 }
@@ -263,7 +264,12 @@ impl Body for H1Body {
         }
         let frame = Pin::new(&mut this.body).poll_frame(cx);
         match &frame {
-            Poll::Ready(None) => this.ended = true,
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => {
+                this.ended.get_or_insert_with(Instant::now);
+            }
+            Poll::Ready(None) => {
+                this.ended.get_or_insert_with(Instant::now);
+            }
             Poll::Ready(Some(Err(_))) => this.conn = None,
             _ => {}
         }
@@ -271,7 +277,7 @@ impl Body for H1Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended || self.body.is_end_stream()
+        self.ended.is_some() || self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -283,10 +289,8 @@ impl Drop for H1Body {
     fn drop(&mut self) {
         // A body of known length is complete once its last byte came, and the server may stop
         // reading it there: it is done then too.
-        if let Some(conn) = self.conn.take() {
-            if self.is_end_stream() {
-                self.home.put(conn);
-            }
+        if let (Some(conn), Some(ended)) = (self.conn.take(), self.ended) {
+            self.home.put(conn, ended);
         }
     }
 }
