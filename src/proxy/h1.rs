@@ -398,6 +398,17 @@ mod tests {
         body.collect().await.unwrap().to_bytes()
     }
 
+    /// A request on a new connection: its response body, not yet read.
+    async fn on_new_connection(conns: &Arc<Conns>) -> H1Body {
+        let mut conn = conns.connect().await.unwrap();
+        let response = conn
+            .send(request())
+            .await
+            .map_err(|e| e.into_error())
+            .unwrap();
+        H1Body::new(response.into_body(), conn, Arc::clone(conns))
+    }
+
     const SIZED: &str = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
     const CHUNKED: &str =
         "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
@@ -419,13 +430,7 @@ mod tests {
     async fn a_body_dropped_early_closes_the_connection() {
         let (port, accepted) = backend(CHUNKED, usize::MAX).await;
         let conns = conns(port, 4, Duration::from_secs(30));
-        let mut conn = conns.connect().await.unwrap();
-        let response = conn
-            .send(request())
-            .await
-            .map_err(|e| e.into_error())
-            .unwrap();
-        drop(H1Body::new(response.into_body(), conn, Arc::clone(&conns)));
+        drop(on_new_connection(&conns).await);
         assert_eq!(conns.idle(), 0);
         assert_eq!(exchange(&conns).await, "abcde");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -455,13 +460,7 @@ mod tests {
         let conns = conns(port, 2, Duration::from_millis(50));
         let mut held = Vec::new();
         for _ in 0..3 {
-            let mut conn = conns.connect().await.unwrap();
-            let response = conn
-                .send(request())
-                .await
-                .map_err(|e| e.into_error())
-                .unwrap();
-            held.push(H1Body::new(response.into_body(), conn, Arc::clone(&conns)));
+            held.push(on_new_connection(&conns).await);
         }
         for body in held {
             assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
