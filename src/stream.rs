@@ -127,15 +127,12 @@ pub enum UpstreamBody {
 
 impl UpstreamBody {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ()>>> {
-        match self {
-            UpstreamBody::Remote(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map(|f| f.map(|r| r.map_err(|e| tracing::debug!("upstream body failed: {e}")))),
-            UpstreamBody::H1(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map(|f| f.map(|r| r.map_err(|e| tracing::debug!("upstream body failed: {e}")))),
-            UpstreamBody::Echo(b) => b.poll_frame(cx).map(|f| f.map(Ok)),
-        }
+        let frame = match self {
+            UpstreamBody::Remote(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Echo(b) => return b.poll_frame(cx).map(|f| f.map(Ok)),
+        };
+        frame.map(|f| f.map(|r| r.map_err(|e| tracing::debug!("upstream body failed: {e}"))))
     }
 
     fn is_end_stream(&self) -> bool {
