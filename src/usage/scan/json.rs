@@ -75,6 +75,14 @@ impl JsonUsageScan {
                 i = self.string(chunk, i);
                 continue;
             }
+            if self.phase == Phase::Root && self.skippable() {
+                // Below the tracked depths only nesting and strings matter: jump to the next
+                // byte that opens or closes one.
+                match chunk[i..].iter().position(|&c| STRUCTURAL[usize::from(c)]) {
+                    Some(n) => i += n,
+                    None => return,
+                }
+            }
             let c = chunk[i];
             i += 1;
             match self.phase {
@@ -91,6 +99,11 @@ impl JsonUsageScan {
         }
     }
 
+    /// Whether nothing but whitespace has been fed yet.
+    pub(super) fn is_fresh(&self) -> bool {
+        self.phase == Phase::Before
+    }
+
     /// The top-level usage (`prompt_tokens` / `completion_tokens` integers directly inside the
     /// top-level `"usage"` object; a missing member counts as 0), if the document had a non-null
     /// one. `None` until the top-level object has closed, and for anything but one object.
@@ -105,6 +118,17 @@ impl JsonUsageScan {
     /// `usage` a non-null object.
     pub(super) fn usage_only(&self) -> bool {
         self.choices_empty && self.usage().is_some()
+    }
+
+    /// Whether the bytes up to the next [`STRUCTURAL`] one change nothing: no key or value of
+    /// ours can be there, and no number or `choices` array is being read.
+    fn skippable(&self) -> bool {
+        self.number.is_none() && !self.choices_first && !self.tracked()
+    }
+
+    /// Keys and values matter only at the top level and directly inside `usage`.
+    fn tracked(&self) -> bool {
+        self.depth == 1 || (self.depth == 2 && self.in_usage)
     }
 
     fn root_byte(&mut self, c: u8) {
@@ -131,8 +155,7 @@ impl JsonUsageScan {
             self.choices_first = false;
             self.choices_empty = c == b']';
         }
-        // Keys and values matter only at the top level and directly inside `usage`.
-        let tracked = self.depth == 1 || (self.depth == 2 && self.in_usage);
+        let tracked = self.tracked();
         match c {
             b'"' => {
                 self.in_string = true;
@@ -223,7 +246,7 @@ impl JsonUsageScan {
                     i += 1;
                     self.escape = Escape::None;
                 }
-                let Some(n) = memchr2(b'"', b'\\', &b[i..]) else {
+                let Some(n) = quote_or_backslash(&b[i..]) else {
                     return b.len();
                 };
                 i += n + 1;
@@ -234,7 +257,18 @@ impl JsonUsageScan {
                 self.escape = Escape::Backslash;
             }
         }
-        // A key we compare: decode it, so `"us\u0061ge"` is `usage` as for any JSON parser.
+        // A key we compare. Whole in this chunk and without escapes (the common case), it is
+        // compared where it lies.
+        if self.key_len == 0 && self.escape == Escape::None && !self.key_bad {
+            if let Some(n) = quote_or_backslash(&b[i..]) {
+                if b[i + n] == b'"' {
+                    self.in_string = false;
+                    self.last_key = self.key_kind(&b[i..i + n]);
+                    return i + n + 1;
+                }
+            }
+        }
+        // Otherwise decode it byte by byte, so `"us\u0061ge"` is `usage` as for any JSON parser.
         while i < b.len() {
             let c = b[i];
             i += 1;
@@ -285,21 +319,48 @@ impl JsonUsageScan {
     }
 
     fn key_done(&mut self) {
-        let key = if self.key_bad {
-            &[][..]
+        self.last_key = if self.key_bad {
+            Key::Other
         } else {
-            &self.key[..self.key_len]
+            self.key_kind(&self.key[..self.key_len])
         };
-        self.last_key = match (self.depth, key) {
+    }
+
+    /// What a decoded key at the current depth is to the scan.
+    fn key_kind(&self, key: &[u8]) -> Key {
+        match (self.depth, key) {
             (1, b"usage") => Key::Usage,
             (1, b"choices") => Key::Choices,
             (2, b"prompt_tokens") => Key::Prompt,
             (2, b"completion_tokens") => Key::Completion,
             _ => Key::Other,
-        };
+        }
     }
 }
 
 pub(super) fn is_ws(c: u8) -> bool {
     matches!(c, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// Bytes that open or close a string, object or array.
+static STRUCTURAL: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'"' as usize] = true;
+    t[b'{' as usize] = true;
+    t[b'}' as usize] = true;
+    t[b'[' as usize] = true;
+    t[b']' as usize] = true;
+    t
+};
+
+/// The first `"` or `\` in `b`. Most strings in a completion are a few bytes long, shorter than
+/// it takes a vector search to pay for its set-up.
+fn quote_or_backslash(b: &[u8]) -> Option<usize> {
+    const SHORT: usize = 16;
+    let head = &b[..b.len().min(SHORT)];
+    match head.iter().position(|&c| c == b'"' || c == b'\\') {
+        Some(n) => Some(n),
+        None if b.len() > SHORT => memchr2(b'"', b'\\', &b[SHORT..]).map(|n| n + SHORT),
+        None => None,
+    }
 }

@@ -1,5 +1,9 @@
 //! [`SseUsageScan`]: usage across an event stream, and the cut of the usage-only event.
 
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
+
 use super::*;
 
 /// Where the scanner is within the current SSE line.
@@ -165,7 +169,13 @@ impl SseUsageScan {
                 continue;
             }
             let end = memchr2(b'\n', b'\r', &b[i..]).map_or(b.len(), |n| i + n);
-            self.line_bytes(&b[i..end]);
+            if self.line == Line::Start && self.json.is_fresh() && skippable(&b[i..end], &b[end..])
+            {
+                // The event's one data line, and no key in it can be `usage`: as if scanned.
+                self.line = Line::Other;
+            } else {
+                self.line_bytes(&b[i..end]);
+            }
             if end == b.len() {
                 break;
             }
@@ -232,4 +242,21 @@ impl SseUsageScan {
         }
         json.usage_only()
     }
+}
+
+/// Whether a whole line can go unscanned: it is a `data` line, a blank line follows it in the
+/// same frame (`rest` starts at its line end), so it is its event's only data, and no key in it
+/// can decode to `usage`: the literal word is absent, and so is any `\u` escape that could spell
+/// it. Most chunks of a stream are such lines; only the last one carries usage.
+fn skippable(line: &[u8], rest: &[u8]) -> bool {
+    static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"usage"));
+    static UNICODE_ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
+    let blank_follows = matches!(
+        rest,
+        [b'\n', b'\n' | b'\r', ..] | [b'\r', b'\r', ..] | [b'\r', b'\n', b'\n' | b'\r', ..]
+    );
+    blank_follows
+        && line.starts_with(b"data:")
+        && USAGE.find(line).is_none()
+        && UNICODE_ESCAPE.find(line).is_none()
 }

@@ -70,6 +70,22 @@ fn openai_stream_with_usage_only_chunk() {
 }
 
 #[test]
+fn whole_events_without_the_word_usage_are_skipped_but_escaped_keys_are_not() {
+    // Whole events in one frame are skipped unscanned when no key in them can be `usage`; a
+    // `\u` escape or a second data line still takes the full scan.
+    let escaped = r#"{"choices":[],"us\u0061ge":{"prompt_tokens":3,"completion_tokens":4}}"#;
+    for eol in ["\n", "\r\n", "\r"] {
+        let stream = format!("data: {ROLE}{eol}{eol}data: {escaped}{eol}{eol}");
+        let stripped = format!("data: {ROLE}{eol}{eol}");
+        sse_all_splits(&stream, u(3, 4), &stripped);
+        let two_lines = format!(
+            "data: {{\"choices\":[],{eol}data: \"usage\":{{\"prompt_tokens\":1}}}}{eol}{eol}"
+        );
+        sse_all_splits(&two_lines, u(1, 0), "");
+    }
+}
+
+#[test]
 fn usage_null_chunks_and_no_usage() {
     let null = r#"{"choices":[{"delta":{"content":"x"}}],"usage":null}"#;
     let empty_null = r#"{"choices":[],"usage":null}"#;
