@@ -294,6 +294,16 @@ enum KeyMatch {
 /// Compares a raw (still escaped) key with an ASCII name, decoding as it goes.
 fn key_match(raw: &[u8], name: &str) -> KeyMatch {
     let name = name.as_bytes();
+    if !raw.contains(&b'\\') {
+        // Nothing to decode, and no NUL: the scanner refused raw control bytes.
+        return if raw == name {
+            KeyMatch::Exact
+        } else if raw.eq_ignore_ascii_case(name) {
+            KeyMatch::Ambiguous
+        } else {
+            KeyMatch::No
+        };
+    }
     let mut exact = true;
     let mut folded = true;
     let mut n = 0; // decoded characters so far

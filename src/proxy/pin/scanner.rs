@@ -37,6 +37,12 @@ impl Scanner<'_> {
 
     /// Reads one value of any type, iteratively, at nesting `depth` (0 for the document).
     pub(super) fn value(&mut self, depth: usize) -> Result<(), BodyProblem> {
+        self.ws();
+        // A string, the most common member value, needs no container stack.
+        if self.peek() == Some(b'"') {
+            self.i += 1;
+            return self.string().map(drop);
+        }
         // true = object, false = array; bounded by MAX_DEPTH.
         let mut stack = [false; MAX_DEPTH];
         let mut top = 0usize;
@@ -153,6 +159,11 @@ impl Scanner<'_> {
     pub(super) fn string(&mut self) -> Result<(usize, usize), BodyProblem> {
         let start = self.i;
         loop {
+            // Plain bytes in one tight loop; the match below sees only the ones that matter.
+            self.i += self.b[self.i..]
+                .iter()
+                .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+                .unwrap_or(self.b.len() - self.i);
             match self.bump() {
                 Some(b'"') => return Ok((start, self.i - 1)),
                 Some(b'\\') => self.escape()?,
