@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use smallvec::SmallVec;
 
 /// `retry-after-ms`, read by the OpenAI SDKs before `retry-after`.
 pub static RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
@@ -53,7 +54,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
+    remove_all(headers, &HOP_BY_HOP);
+}
+
+/// Removes every header named in `names`. The message's own names are walked once and only
+/// those present are looked up again: a message carries a handful of headers, and a removal per
+/// listed name would hash every name on the list each time.
+pub fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
+    let present: SmallVec<[HeaderName; 8]> = headers
+        .keys()
+        .filter(|name| names.contains(name))
+        .cloned()
+        .collect();
+    for name in present {
         headers.remove(name);
     }
 }

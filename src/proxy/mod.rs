@@ -420,9 +420,7 @@ pub fn request_headers(
     client_ip: &HeaderValue,
 ) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
-    for name in &NOT_FORWARDED {
-        headers.remove(name);
-    }
+    h::remove_all(&mut headers, &NOT_FORWARDED);
     headers.insert(header::CONTENT_TYPE, h::APPLICATION_JSON.clone());
     headers.insert(
         header::ACCEPT_ENCODING,
