@@ -130,15 +130,20 @@ impl Conn {
             .serve_connection(TokioIo::new(stream), service);
         let mut conn = std::pin::pin!(conn);
         let mut ending = Ending::No;
+        // One shutdown token watched at a time, as for HTTP/1.1.
+        let mut shutting_down = false;
         let idle = tokio::time::sleep(self.client_idle / 4);
         let mut idle = std::pin::pin!(idle);
         let result = loop {
             tokio::select! {
                 result = conn.as_mut() => break result,
-                _ = self.force.cancelled() => break Ok(()),
-                _ = self.shutdown.cancelled(), if ending == Ending::No => {
-                    ending = Ending::Close;
-                    conn.as_mut().graceful_shutdown();
+                _ = self.force.cancelled(), if shutting_down => break Ok(()),
+                _ = self.shutdown.cancelled(), if !shutting_down => {
+                    shutting_down = true;
+                    if ending == Ending::No {
+                        ending = Ending::Close;
+                        conn.as_mut().graceful_shutdown();
+                    }
                 }
                 _ = idle.as_mut(), if ending == Ending::No => {
                     if activity.idle_for().is_some_and(|idle| idle >= self.client_idle) {
@@ -230,6 +235,9 @@ impl Conn {
         I: hyper::rt::Read + hyper::rt::Write + Unpin,
     {
         let mut ending = Ending::No;
+        // Only one shutdown token is watched at a time (each poll of one takes two locks):
+        // `force` is only ever cancelled after `shutdown`.
+        let mut shutting_down = false;
         // Requests ended when the timer was last armed for the connection's idleness.
         let mut seen_ended = activity.ended();
         let timer = tokio::time::sleep(PARK_AFTER);
@@ -237,8 +245,8 @@ impl Conn {
         loop {
             // Ready when the connection ended (`Some`), or when it just went idle: a request
             // ended since the timer was last armed and none is in flight (`None`). Requests
-            // start and end inside this poll, so the timer is armed once per idle spell and
-            // never wakes a busy connection.
+            // start and end inside this poll, so the timer is looked at once per idle spell,
+            // and wakes a connection at most once per PARK_AFTER while requests keep coming.
             let event = std::future::poll_fn(|cx| match conn.poll_without_shutdown(cx) {
                 Poll::Ready(result) => Poll::Ready(Some(result)),
                 Poll::Pending if !activity.busy() && activity.ended() != seen_ended => {
@@ -251,15 +259,25 @@ impl Conn {
                     Some(result) => return Some((ending, result)),
                     None => {
                         seen_ended = activity.ended();
-                        if ending == Ending::No {
-                            timer.as_mut().reset(Instant::now() + PARK_AFTER);
+                        // Parking is due PARK_AFTER after the request ended. A timer already
+                        // due by then stays: it finds the connection idle for less and waits
+                        // the rest, so a busy keep-alive connection moves its timer about once
+                        // per PARK_AFTER rather than once per request.
+                        let due = activity.idle_since().map(|since| since + PARK_AFTER);
+                        if let (Some(due), Ending::No) = (due, ending) {
+                            if timer.deadline() > due {
+                                timer.as_mut().reset(due);
+                            }
                         }
                     }
                 },
-                _ = self.force.cancelled() => return None,
-                _ = self.shutdown.cancelled(), if ending != Ending::Close => {
-                    ending = Ending::Close;
-                    Pin::new(&mut *conn).graceful_shutdown();
+                _ = self.force.cancelled(), if shutting_down => return None,
+                _ = self.shutdown.cancelled(), if !shutting_down => {
+                    shutting_down = true;
+                    if ending != Ending::Close {
+                        ending = Ending::Close;
+                        Pin::new(&mut *conn).graceful_shutdown();
+                    }
                 }
                 _ = timer.as_mut(), if ending == Ending::No => {
                     let parkable = no_park_before.is_none_or(|n| activity.started() > n);

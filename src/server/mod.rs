@@ -196,11 +196,15 @@ impl Activity {
 
     /// How long the connection has had no request in flight, if it has none.
     fn idle_for(&self) -> Option<Duration> {
+        self.idle_since().map(|since| since.elapsed())
+    }
+
+    /// Since when the connection has had no request in flight, if it has none.
+    fn idle_since(&self) -> Option<Instant> {
         if self.busy() {
             return None;
         }
-        let since = *self.idle_since.lock().unwrap_or_else(|e| e.into_inner());
-        Some(since.elapsed())
+        Some(*self.idle_since.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
