@@ -103,107 +103,122 @@ static EXPOSE_HEADERS: HeaderValue = HeaderValue::from_static(
 );
 
 /// Serves one request; never fails (errors become OpenAI error responses).
-pub async fn handle(edge: &Edge, conn: &ConnInfo, req: Request<Incoming>) -> Response<EdgeBody> {
-    let request_id = h::request_id(req.headers());
-    let mut access = Access::begin(request_id.clone(), edge.access_log);
-    let mut response = match serve(edge, conn, req, &request_id, &mut access).await {
-        Ok(response) => response,
-        Err(err) => {
-            match err.source() {
-                Source::Client => {
-                    tracing::debug!(request_id = ?request_id, code = err.code(), "refused")
+///
+/// This and the steps below it return `async move` blocks rather than being `async fn`s: an
+/// `async fn` keeps each argument twice in its future (as passed and as bound), and a request's
+/// futures nest several levels deep, each moved into the next.
+#[allow(clippy::manual_async_fn)] // on purpose: see the doc comment
+pub fn handle<'a>(
+    edge: &'a Edge,
+    conn: &'a ConnInfo,
+    req: Request<Incoming>,
+) -> impl Future<Output = Response<EdgeBody>> + Send + 'a {
+    async move {
+        let request_id = h::request_id(req.headers());
+        let mut access = Access::begin(request_id.clone(), edge.access_log);
+        let mut response = match serve(edge, conn, req, &request_id, &mut access).await {
+            Ok(response) => response,
+            Err(err) => {
+                match err.source() {
+                    Source::Client => {
+                        tracing::debug!(request_id = ?request_id, code = err.code(), "refused")
+                    }
+                    Source::Upstream => {
+                        tracing::warn!(request_id = ?request_id, code = err.code(), "upstream failure")
+                    }
                 }
-                Source::Upstream => {
-                    tracing::warn!(request_id = ?request_id, code = err.code(), "upstream failure")
-                }
+                access.code = err.code();
+                err.into_response()
             }
-            access.code = err.code();
-            err.into_response()
-        }
-    };
-    access.status = response.status().as_u16();
-    if access.code == "client_closed" {
-        // No error of the edge's own: a success, or the backend's error passed through.
-        access.code = if access.status >= 400 {
-            "upstream"
-        } else {
-            "ok"
         };
+        access.status = response.status().as_u16();
+        if access.code == "client_closed" {
+            // No error of the edge's own: a success, or the backend's error passed through.
+            access.code = if access.status >= 400 {
+                "upstream"
+            } else {
+                "ok"
+            };
+        }
+        let headers = response.headers_mut();
+        if let Some(quota) = access.quota {
+            quota.apply(false, headers);
+        }
+        headers.insert(&h::X_REQUEST_ID, request_id);
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+        headers.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            EXPOSE_HEADERS.clone(),
+        );
+        response.body_mut().attach(access);
+        response
     }
-    let headers = response.headers_mut();
-    if let Some(quota) = access.quota {
-        quota.apply(false, headers);
-    }
-    headers.insert(&h::X_REQUEST_ID, request_id);
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        EXPOSE_HEADERS.clone(),
-    );
-    response.body_mut().attach(access);
-    response
 }
 
 /// SPEC §2's decision order, one early return per step. Fills `access` as it learns.
-async fn serve(
-    edge: &Edge,
-    conn: &ConnInfo,
+#[allow(clippy::manual_async_fn)] // on purpose: see the doc comment
+fn serve<'a>(
+    edge: &'a Edge,
+    conn: &'a ConnInfo,
     req: Request<Incoming>,
-    request_id: &HeaderValue,
-    access: &mut Access,
-) -> Result<Response<EdgeBody>, EdgeError> {
-    // 1. Host → slug → enabled deployment. Disabled and unknown look the same.
-    let host = host_of(&req).ok_or(EdgeError::DeploymentNotFound)?;
-    if let Some(sni) = &conn.sni {
-        if !same_host(host, sni) {
-            return Err(EdgeError::MisdirectedRequest);
+    request_id: &'a HeaderValue,
+    access: &'a mut Access,
+) -> impl Future<Output = Result<Response<EdgeBody>, EdgeError>> + Send + 'a {
+    async move {
+        // 1. Host → slug → enabled deployment. Disabled and unknown look the same.
+        let host = host_of(&req).ok_or(EdgeError::DeploymentNotFound)?;
+        if let Some(sni) = &conn.sni {
+            if !same_host(host, sni) {
+                return Err(EdgeError::MisdirectedRequest);
+            }
         }
-    }
-    let slug = Slug::from_host(host, &edge.base_domains).ok_or(EdgeError::DeploymentNotFound)?;
-    access.slug = Some(slug);
-    let deployment = edge
-        .registry
-        .deployment(&slug)
-        .filter(|d| d.enabled)
-        .ok_or(EdgeError::DeploymentNotFound)?;
+        let slug =
+            Slug::from_host(host, &edge.base_domains).ok_or(EdgeError::DeploymentNotFound)?;
+        access.slug = Some(slug);
+        let deployment = edge
+            .registry
+            .deployment(&slug)
+            .filter(|d| d.enabled)
+            .ok_or(EdgeError::DeploymentNotFound)?;
 
-    // 2. CORS preflight: browsers send no key with it.
-    if req.method() == Method::OPTIONS {
-        return Ok(preflight(&req));
-    }
-
-    // 3. Key.
-    let key = match deployment.auth_mode {
-        AuthMode::FixedApiKey => Some(checked_key(edge, conn, &deployment, &req, access)?),
-        AuthMode::None => None,
-    };
-
-    // 4. Route.
-    let action = route(req.method(), req.uri().path())?;
-
-    // 5. Rate limit, per key (per deployment when it has none).
-    if let Some(rate) = &edge.rate {
-        let subject = key.as_ref().map_or(&deployment.id, |k| &k.id);
-        match rate.check(subject, tokio::time::Instant::now()) {
-            Decision::Allowed(quota) => access.quota = Some(quota),
-            Decision::Limited(quota) => return Err(EdgeError::RateLimited(quota)),
+        // 2. CORS preflight: browsers send no key with it.
+        if req.method() == Method::OPTIONS {
+            return Ok(preflight(&req));
         }
-    }
 
-    match action {
-        Action::Models => Ok(json(deployment.models_body())),
-        Action::Proxy(path) => {
-            // Every proxied request counts for usage, whatever its outcome.
-            access.usage_target = Some(UsageTarget {
-                sink: Arc::clone(&edge.usage),
-                deployment: Arc::clone(&deployment),
-                key,
-            });
-            // Not boxed here: the listener boxes each request's whole future once.
-            forward(edge, conn, req, &deployment, path, request_id, access).await
+        // 3. Key.
+        let key = match deployment.auth_mode {
+            AuthMode::FixedApiKey => Some(checked_key(edge, conn, &deployment, &req, access)?),
+            AuthMode::None => None,
+        };
+
+        // 4. Route.
+        let action = route(req.method(), req.uri().path())?;
+
+        // 5. Rate limit, per key (per deployment when it has none).
+        if let Some(rate) = &edge.rate {
+            let subject = key.as_ref().map_or(&deployment.id, |k| &k.id);
+            match rate.check(subject, tokio::time::Instant::now()) {
+                Decision::Allowed(quota) => access.quota = Some(quota),
+                Decision::Limited(quota) => return Err(EdgeError::RateLimited(quota)),
+            }
+        }
+
+        match action {
+            Action::Models => Ok(json(deployment.models_body())),
+            Action::Proxy(path) => {
+                // Every proxied request counts for usage, whatever its outcome.
+                access.usage_target = Some(UsageTarget {
+                    sink: Arc::clone(&edge.usage),
+                    deployment: Arc::clone(&deployment),
+                    key,
+                });
+                // Not boxed here: the listener boxes each request's whole future once.
+                forward(edge, conn, req, &deployment, path, request_id, access).await
+            }
         }
     }
 }
@@ -241,14 +256,15 @@ fn checked_key(
     req: &Request<Incoming>,
     access: &mut Access,
 ) -> Result<Arc<ApiKey>, EdgeError> {
+    let Some(failures) = &edge.auth_failures else {
+        return authenticate(&edge.registry, deployment, req, access);
+    };
     let now = tokio::time::Instant::now();
-    if let Some(failures) = &edge.auth_failures {
-        if let Some(left) = failures.is_blocked(conn.peer_ip, now) {
-            return Err(EdgeError::AuthBlocked(left));
-        }
+    if let Some(left) = failures.is_blocked(conn.peer_ip, now) {
+        return Err(EdgeError::AuthBlocked(left));
     }
     let checked = authenticate(&edge.registry, deployment, req, access);
-    if let (Err(EdgeError::InvalidApiKey), Some(failures)) = (&checked, &edge.auth_failures) {
+    if let Err(EdgeError::InvalidApiKey) = &checked {
         failures.record_failure(conn.peer_ip, now);
     }
     checked
@@ -286,7 +302,6 @@ async fn forward(
         .map_err(EdgeError::InvalidBody)?;
     let strip_usage = pinned.strip_usage;
     let headers = proxy::request_headers(parts.headers, request_id, &conn.client_ip);
-    let sent = tokio::time::Instant::now();
     let affinity = upstream.affinity.as_deref();
     let reply = edge
         .upstreams
@@ -299,15 +314,12 @@ async fn forward(
             pinned,
         )
         .await?;
-    let ttfb = sent.elapsed();
     crate::metrics::hot()
         .upstream_ttfb
-        .record(ttfb.as_secs_f64());
-    access.ttfb = Some(ttfb);
+        .record(reply.waited.as_secs_f64());
+    access.ttfb = Some(reply.waited);
     access.endpoint = Some(Arc::clone(&reply.endpoint.label));
-    Ok(edge
-        .upstreams
-        .client_response(reply.response, reply.guard, strip_usage))
+    Ok(edge.upstreams.client_response(reply, strip_usage))
 }
 
 fn json(body: bytes::Bytes) -> Response<EdgeBody> {

@@ -200,10 +200,12 @@ pin_project! {
 }
 
 impl Passthrough {
-    /// Wraps a backend body; `sse` says whether it is an event stream (failures then end with an
-    /// error event instead of a broken connection).
+    /// Wraps a backend body whose head arrived at `since` (its first silence counts from then);
+    /// `sse` says whether it is an event stream (failures then end with an error event instead
+    /// of a broken connection).
     pub fn new(
         body: UpstreamBody,
+        since: Instant,
         idle_for: Duration,
         sse: bool,
         scan: UsageScan,
@@ -211,9 +213,9 @@ impl Passthrough {
     ) -> Passthrough {
         Passthrough {
             body,
-            idle: tokio::time::sleep(idle_for),
+            idle: tokio::time::sleep_until(since + idle_for),
             idle_for,
-            last_frame: Instant::now(),
+            last_frame: since,
             sse,
             phase: Phase::Streaming,
             scan,
@@ -467,6 +469,7 @@ mod tests {
         let echo = echo::respond(body, Some(Duration::from_secs(3600))).into_body();
         let mut pass = std::pin::pin!(EdgeBody::proxied(Passthrough::new(
             UpstreamBody::Echo(echo),
+            Instant::now(),
             Duration::from_secs(5),
             true,
             UsageScan::None,
@@ -490,6 +493,7 @@ mod tests {
         let echo = echo::respond(body, Some(Duration::from_secs(3600))).into_body();
         let mut pinned = std::pin::pin!(Passthrough::new(
             UpstreamBody::Echo(echo),
+            Instant::now(),
             Duration::from_secs(5),
             false,
             UsageScan::None,

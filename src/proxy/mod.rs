@@ -67,6 +67,10 @@ pub struct Sent<'p> {
     pub endpoint: &'p Endpoint,
     /// Keeps the request counted on its endpoint until the exchange ends.
     pub guard: InFlight,
+    /// When the response head arrived.
+    pub answered: Instant,
+    /// From the call to the response head, every attempt included.
+    pub waited: Duration,
 }
 
 /// A request in flight on a pool endpoint: counted by the balancer and the endpoint's gauge
@@ -116,99 +120,113 @@ impl Upstreams {
     /// failed), at most `retries` times and within the pool's retry budget. Returns the response
     /// (head received), the endpoint, and the guard that keeps the request counted on that
     /// endpoint until the exchange ends.
-    pub async fn send<'p>(
-        &self,
+    ///
+    /// Not an `async fn`: the body's slices move into one shared list before the future is
+    /// built, so the future holds neither the body nor a second copy of its arguments.
+    pub fn send<'p>(
+        &'p self,
         pool: &'p Pool,
-        affinity: Option<&str>,
-        load: Option<&AdapterLoad>,
+        affinity: Option<&'p str>,
+        load: Option<&'p AdapterLoad>,
         path: &'static str,
         mut headers: HeaderMap,
         body: Pinned,
-    ) -> Result<Sent<'p>, EdgeError> {
-        let deadline = Instant::now() + self.first_byte;
+    ) -> impl Future<Output = Result<Sent<'p>, EdgeError>> + Send + 'p {
         // One allocation holds the slices for every attempt (a retry re-sends the same body).
         let chunks: Arc<[Bytes]> = Arc::from(body.chunks.as_slice());
-        pool.budget.deposit(Instant::now());
-        // Retries are at most 10 (config), so the tried set fits on the stack.
-        let mut tried = [0usize; 11];
-        let mut attempts = 0usize;
-        loop {
-            let now = Instant::now();
-            let index = pool
-                .balancer
-                .pick(affinity, &tried[..attempts], now)
-                .ok_or(EdgeError::UpstreamUnavailable)?;
-            tried[attempts] = index;
-            attempts += 1;
-            let endpoint = &pool.endpoints[index];
-            let guard = InFlight::start(pool, index);
-            endpoint.metrics.picks.increment(1);
-            if let Some(load) = load {
-                if !self
-                    .load_step(pool, index, load, deadline, attempts)
-                    .await?
-                {
-                    continue;
+        let len = body.len;
+        drop(body);
+        async move {
+            let start = Instant::now();
+            let deadline = start + self.first_byte;
+            pool.budget.deposit(start);
+            // Retries are at most 10 (config), so the tried set fits on the stack.
+            let mut tried = [0usize; 11];
+            let mut attempts = 0usize;
+            let mut now = start;
+            loop {
+                if attempts > 0 {
+                    now = Instant::now();
                 }
-            }
-            // Time to first byte starts here: a load's wait says nothing of the endpoint's speed.
-            let sent_at = Instant::now();
-            // The last possible attempt takes the headers; earlier ones send a copy.
-            let last = attempts > pool.retries as usize || attempts >= pool.endpoints.len();
-            let attempt_headers = if last {
-                std::mem::take(&mut headers)
-            } else {
-                headers.clone()
-            };
-            let outcome = self
-                .attempt(
-                    pool,
-                    endpoint,
-                    path,
-                    attempt_headers,
-                    &chunks,
-                    body.len,
-                    deadline,
-                )
-                .await;
-            match outcome {
-                Attempt::Answered(response) => {
-                    let ttfb = sent_at.elapsed();
-                    pool.balancer.observe_latency(index, ttfb, Instant::now());
-                    endpoint.metrics.ttfb.record(ttfb.as_secs_f64());
-                    if response.status().is_server_error() {
-                        self.failed(pool, index, Instant::now());
-                    } else {
-                        pool.balancer.success(index);
+                let index = pool
+                    .balancer
+                    .pick(affinity, &tried[..attempts], now)
+                    .ok_or(EdgeError::UpstreamUnavailable)?;
+                tried[attempts] = index;
+                attempts += 1;
+                let endpoint = &pool.endpoints[index];
+                let guard = InFlight::start(pool, index);
+                endpoint.metrics.picks.increment(1);
+                if let Some(load) = load {
+                    if !self
+                        .load_step(pool, index, load, deadline, attempts)
+                        .await?
+                    {
+                        continue;
                     }
-                    if let (Some(load), Some(loads)) = (load, &pool.loads) {
-                        if response.status() == http::StatusCode::NOT_FOUND {
-                            // vLLM no longer knows the adapter (restarted, or unloaded): the
-                            // next request loads it again.
-                            loads.forget(index, &load.target);
+                }
+                // Time to first byte starts here: a load's wait says nothing of the endpoint's speed.
+                let sent_at = if load.is_some() { Instant::now() } else { now };
+                // The last possible attempt takes the headers; earlier ones send a copy.
+                let last = attempts > pool.retries as usize || attempts >= pool.endpoints.len();
+                let attempt_headers = if last {
+                    std::mem::take(&mut headers)
+                } else {
+                    headers.clone()
+                };
+                let outcome = self
+                    .attempt(
+                        pool,
+                        endpoint,
+                        path,
+                        attempt_headers,
+                        &chunks,
+                        len,
+                        deadline,
+                    )
+                    .await;
+                match outcome {
+                    Attempt::Answered(response) => {
+                        let answered = Instant::now();
+                        let ttfb = answered - sent_at;
+                        pool.balancer.observe_latency(index, ttfb, answered);
+                        endpoint.metrics.ttfb.record(ttfb.as_secs_f64());
+                        if response.status().is_server_error() {
+                            self.failed(pool, index, answered);
+                        } else {
+                            pool.balancer.success(index);
+                        }
+                        if let (Some(load), Some(loads)) = (load, &pool.loads) {
+                            if response.status() == http::StatusCode::NOT_FOUND {
+                                // vLLM no longer knows the adapter (restarted, or unloaded): the
+                                // next request loads it again.
+                                loads.forget(index, &load.target);
+                            }
+                        }
+                        return Ok(Sent {
+                            response,
+                            endpoint,
+                            guard,
+                            answered,
+                            waited: answered - start,
+                        });
+                    }
+                    Attempt::NotSent => {
+                        self.failed(pool, index, Instant::now());
+                        if let Some(loads) = &pool.loads {
+                            // A refused connect often means a restart, which forgets every adapter.
+                            loads.forget_endpoint(index);
+                        }
+                        if !self.may_retry(pool, attempts) {
+                            return Err(EdgeError::UpstreamUnavailable);
                         }
                     }
-                    return Ok(Sent {
-                        response,
-                        endpoint,
-                        guard,
-                    });
-                }
-                Attempt::NotSent => {
-                    self.failed(pool, index, Instant::now());
-                    if let Some(loads) = &pool.loads {
-                        // A refused connect often means a restart, which forgets every adapter.
-                        loads.forget_endpoint(index);
+                    Attempt::Failed => {
+                        self.failed(pool, index, Instant::now());
+                        return Err(EdgeError::UpstreamFailed);
                     }
-                    if !self.may_retry(pool, attempts) {
-                        return Err(EdgeError::UpstreamUnavailable);
-                    }
+                    Attempt::TimedOut => return Err(EdgeError::UpstreamTimeout),
                 }
-                Attempt::Failed => {
-                    self.failed(pool, index, Instant::now());
-                    return Err(EdgeError::UpstreamFailed);
-                }
-                Attempt::TimedOut => return Err(EdgeError::UpstreamTimeout),
             }
         }
     }
@@ -328,13 +346,8 @@ impl Upstreams {
     /// The response the client gets from a backend response: hop-by-hop headers dropped, the
     /// body passed through frame by frame (scanned for its usage), streams marked uncacheable
     /// and unbuffered. `strip_usage`: the edge asked for the usage chunk, the client did not.
-    pub fn client_response(
-        &self,
-        upstream: Response<UpstreamBody>,
-        guard: InFlight,
-        strip_usage: bool,
-    ) -> Response<EdgeBody> {
-        let (mut parts, body) = upstream.into_parts();
+    pub fn client_response(&self, reply: Sent<'_>, strip_usage: bool) -> Response<EdgeBody> {
+        let (mut parts, body) = reply.response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let content_type = parts
             .headers
@@ -358,7 +371,14 @@ impl Upstreams {
             parts.headers.remove(header::CONTENT_LENGTH);
             parts.headers.remove(header::CONTENT_ENCODING);
         }
-        let inner = Passthrough::new(body, self.idle, sse, scan, Some(guard));
+        let inner = Passthrough::new(
+            body,
+            reply.answered,
+            self.idle,
+            sse,
+            scan,
+            Some(reply.guard),
+        );
         Response::from_parts(parts, EdgeBody::proxied(inner))
     }
 }
@@ -367,47 +387,52 @@ impl Upstreams {
 /// one. A parked connection the backend closed before any of the request was written is
 /// replaced by a new one (the request goes out once); a new connection that fails the same way
 /// is a connect failure.
-async fn attempt_h1(
-    pool: &Pool,
-    endpoint: &Endpoint,
-    conns: &Arc<h1::Conns>,
+///
+/// Not an `async fn`, which would keep the request twice in its future.
+#[allow(clippy::manual_async_fn)] // on purpose: see the doc comment
+fn attempt_h1<'a>(
+    pool: &'a Pool,
+    endpoint: &'a Endpoint,
+    conns: &'a Arc<h1::Conns>,
     mut req: Request<ChunksBody>,
     deadline: Instant,
-) -> Attempt {
-    let mut parked = conns.take();
-    loop {
-        let reused = parked.is_some();
-        let mut conn = match parked.take() {
-            Some(conn) => conn,
-            None => match tokio::time::timeout_at(deadline, conns.connect()).await {
-                Ok(Ok(conn)) => conn,
-                Ok(Err(e)) => {
-                    tracing::warn!(pool = %pool.name, endpoint = %endpoint.label, "upstream connect failed: {e}");
-                    return Attempt::NotSent;
+) -> impl Future<Output = Attempt> + Send + 'a {
+    async move {
+        let mut parked = conns.take();
+        loop {
+            let reused = parked.is_some();
+            let mut conn = match parked.take() {
+                Some(conn) => conn,
+                None => match tokio::time::timeout_at(deadline, conns.connect()).await {
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(e)) => {
+                        tracing::warn!(pool = %pool.name, endpoint = %endpoint.label, "upstream connect failed: {e}");
+                        return Attempt::NotSent;
+                    }
+                    Err(_) => return Attempt::TimedOut,
+                },
+            };
+            match tokio::time::timeout_at(deadline, conn.send(req)).await {
+                Ok(Ok(response)) => {
+                    let home = Arc::clone(conns);
+                    return Attempt::Answered(
+                        response.map(|body| UpstreamBody::H1(h1::H1Body::new(body, conn, home))),
+                    );
                 }
+                Ok(Err(mut e)) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    unsent => {
+                        let e = e.into_error();
+                        tracing::warn!(pool = %pool.name, endpoint = %endpoint.label, "upstream request failed: {e}");
+                        return if unsent.is_some() {
+                            Attempt::NotSent
+                        } else {
+                            Attempt::Failed
+                        };
+                    }
+                },
                 Err(_) => return Attempt::TimedOut,
-            },
-        };
-        match tokio::time::timeout_at(deadline, conn.send(req)).await {
-            Ok(Ok(response)) => {
-                let home = Arc::clone(conns);
-                return Attempt::Answered(
-                    response.map(|body| UpstreamBody::H1(h1::H1Body::new(body, conn, home))),
-                );
             }
-            Ok(Err(mut e)) => match e.take_message() {
-                Some(unsent) if reused => req = unsent,
-                unsent => {
-                    let e = e.into_error();
-                    tracing::warn!(pool = %pool.name, endpoint = %endpoint.label, "upstream request failed: {e}");
-                    return if unsent.is_some() {
-                        Attempt::NotSent
-                    } else {
-                        Attempt::Failed
-                    };
-                }
-            },
-            Err(_) => return Attempt::TimedOut,
         }
     }
 }
