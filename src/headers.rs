@@ -25,17 +25,18 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), plus the proxy-era ones, never forwarded either way.
-/// `te` is dropped too: the edge speaks for itself to each side.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    HeaderName::from_static("proxy-connection"),
+/// `te` is dropped too: the edge speaks for itself to each side. Lower-case, as header names
+/// are stored.
+static HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
 ];
 
 /// Removes hop-by-hop headers, including every name listed in `Connection`.
@@ -57,13 +58,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     remove_all(headers, &HOP_BY_HOP);
 }
 
-/// Removes every header named in `names`. The message's own names are walked once and only
-/// those present are looked up again: a message carries a handful of headers, and a removal per
-/// listed name would hash every name on the list each time.
-pub fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
+/// Removes every header named in `names` (lower-case). The message's own names are walked once
+/// and only those present are looked up again: a message carries a handful of headers, and a
+/// removal per listed name would hash every name on the list each time. Names are compared as
+/// strings, which mostly stops at their lengths.
+pub fn remove_all(headers: &mut HeaderMap, names: &[&str]) {
     let present: SmallVec<[HeaderName; 8]> = headers
         .keys()
-        .filter(|name| names.contains(name))
+        .filter(|name| names.contains(&name.as_str()))
         .cloned()
         .collect();
     for name in present {
