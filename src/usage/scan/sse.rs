@@ -250,7 +250,6 @@ impl SseUsageScan {
 /// it. Most chunks of a stream are such lines; only the last one carries usage.
 fn skippable(line: &[u8], rest: &[u8]) -> bool {
     static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"usage"));
-    static UNICODE_ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
     let blank_follows = matches!(
         rest,
         [b'\n', b'\n' | b'\r', ..] | [b'\r', b'\r', ..] | [b'\r', b'\n', b'\n' | b'\r', ..]
@@ -258,5 +257,6 @@ fn skippable(line: &[u8], rest: &[u8]) -> bool {
     blank_follows
         && line.starts_with(b"data:")
         && USAGE.find(line).is_none()
-        && UNICODE_ESCAPE.find(line).is_none()
+        // Backslashes are rare in a chunk: one search for them is cheaper than one for `\u`.
+        && !memchr::memchr_iter(b'\\', line).any(|i| line.get(i + 1) == Some(&b'u'))
 }
