@@ -1,5 +1,7 @@
 # Sourced by the load scripts: the keyed adapter deployment they load, `bench.arkor.app` on base
-# model `bench/model`. Sets $key and writes DIR/deployments.json.
+# model `bench/model`. Sets $key; `write_bench_deployment DIR` writes DIR/deployments.json and
+# `write_bench_edge_config DIR EDGE_PORT MOCK_PORT` the edge's config for it (plain HTTP, no admin
+# listener, access log off, one pool of the mock backend).
 key="ark_live_benchbenchbenchbenchbench0001"
 write_bench_deployment() {
   local hash
@@ -9,4 +11,19 @@ write_bench_deployment() {
  "target":{"type":"adapter","jobId":"job-bench","checkpointStep":1,"baseModel":"bench/model"},"revision":1}],
  "keys":[{"id":"k-bench","deploymentId":"d-bench","sha256":"$hash","enabled":true,"revision":1}]}
 JSON
+}
+
+write_bench_edge_config() {
+  cat > "$1/edge.toml" <<TOML
+state_dir = "state"
+[log]
+access = false
+[listen]
+http = "127.0.0.1:$2"
+admin = ""
+[[pools]]
+name = "bench"
+base_models = ["bench/model"]
+endpoints = ["http://127.0.0.1:$3"]
+TOML
 }

@@ -30,18 +30,7 @@ bare=$(cargo bench --no-run --bench bare_forwarder 2>&1 | sed -n 's/.*Executable
 mock_port=19100 bare_port=18081 edge_port=18080 nginx_port=18082
 . benches/bench-deployment.sh
 write_bench_deployment "$work"
-cat > "$work/edge.toml" <<TOML
-state_dir = "state"
-[log]
-access = false
-[listen]
-http = "127.0.0.1:$edge_port"
-admin = ""
-[[pools]]
-name = "bench"
-base_models = ["bench/model"]
-endpoints = ["http://127.0.0.1:$mock_port"]
-TOML
+write_bench_edge_config "$work" "$edge_port" "$mock_port"
 
 mkdir -p "$work/nginx"
 cat > "$work/nginx/nginx.conf" <<NGINX

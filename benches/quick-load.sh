@@ -17,17 +17,7 @@ mock_port=19100
 edge_port=18080
 . benches/bench-deployment.sh
 write_bench_deployment "$work"
-cat > "$work/edge.toml" <<TOML
-state_dir = "state"
-[log]
-access = false
-[listen]
-http = "127.0.0.1:$edge_port"
-[[pools]]
-name = "bench"
-base_models = ["bench/model"]
-endpoints = ["http://127.0.0.1:$mock_port"]
-TOML
+write_bench_edge_config "$work" "$edge_port" "$mock_port"
 
 "$mock" --listen "127.0.0.1:$mock_port" --tokens 32 >/dev/null &
 pids+=($!)
