@@ -71,16 +71,8 @@ impl Conn {
     ) -> Result<Response<Incoming>, TrySendError<Request<ChunksBody>>> {
         let mut response = std::pin::pin!(self.sender.try_send_request(req));
         std::future::poll_fn(|cx| {
-            if let Some(driver) = &mut self.driver {
-                if let Poll::Ready(result) = Pin::new(driver).poll(cx) {
-                    if let Err(e) = result {
-                        tracing::debug!("upstream connection ended: {e}");
-                    }
-                    // An ended connection has answered or failed the request: `response` is
-                    // ready below.
-                    self.driver = None;
-                }
-            }
+            // An ended connection has answered or failed the request: `response` is ready then.
+            self.drive(cx);
             response.as_mut().poll(cx)
         })
         .await
@@ -137,10 +129,9 @@ impl Conns {
     pub fn take(&self) -> Option<Box<Conn>> {
         let now = Instant::now();
         loop {
-            let parked = self.lock().pop_back()?;
-            let mut conn = parked.conn;
-            if now.duration_since(parked.since) < self.idle_for && conn.reusable() {
-                return Some(conn);
+            let mut parked = self.lock().pop_back()?;
+            if self.usable(&mut parked, now) {
+                return Some(parked.conn);
             }
         }
     }
@@ -196,7 +187,7 @@ impl Conns {
             let mut idle = self.lock();
             let mut kept = VecDeque::with_capacity(idle.len());
             for mut parked in idle.drain(..) {
-                if now.duration_since(parked.since) < self.idle_for && parked.conn.reusable() {
+                if self.usable(&mut parked, now) {
                     kept.push_back(parked);
                 } else {
                     closed.push(parked);
@@ -207,6 +198,11 @@ impl Conns {
         };
         drop(closed);
         left
+    }
+
+    /// Whether a parked connection is within its idle time and still open.
+    fn usable(&self, parked: &mut Parked, now: Instant) -> bool {
+        now.duration_since(parked.since) < self.idle_for && parked.conn.reusable()
     }
 
     /// How long a connection may stay parked.
