@@ -127,10 +127,16 @@ pub async fn serve(
 
 fn builders(limits: &ServerLimits) -> Builders {
     let mut h1 = http1::Builder::new();
+    // Response bytes are copied into one buffer (bounded by `max_buf_size`) and written with one
+    // `write`, instead of being queued as separate slices for `writev`. A stream's chunks come in
+    // threes (size line, data, CRLF), and the queue holds at most 16 slices, so a burst of SSE
+    // chunks took several `writev` calls, each waking the client: copying the few hundred bytes
+    // costs far less than those system calls (BENCHMARKS.md).
     h1.timer(TokioTimer::new())
         .header_read_timeout(limits.client_header)
         .max_buf_size(limits.max_header_bytes)
-        .keep_alive(true);
+        .keep_alive(true)
+        .writev(false);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
