@@ -69,6 +69,12 @@ impl SseUsageScan {
         if frame.is_empty() {
             return out;
         }
+        if self.between_events() && ends_event(&frame) && !may_hold_usage(&frame) {
+            // Whole events, none of which can carry usage (so none is usage-only): the frame
+            // goes out as it came, and the scan is where it was, between events.
+            out.push(frame);
+            return out;
+        }
         if !self.strip {
             let mut at = 0;
             while self.next_event(&frame, &mut at).is_some() {}
@@ -134,6 +140,18 @@ impl SseUsageScan {
     /// The last non-null usage seen in any event.
     pub fn usage(&self) -> Option<Usage> {
         self.usage
+    }
+
+    /// Whether the scan stands between events: no data of an unfinished event was seen, and
+    /// none of it was held or released; no line end is half seen (a CR last in the previous
+    /// frame, whose LF may open this one: when stripping, `tail_cr` is then set too). Comment
+    /// lines may have been seen; they carry no data.
+    fn between_events(&self) -> bool {
+        self.line == Line::Start
+            && self.json.is_fresh()
+            && !self.pending_cr
+            && !self.released
+            && self.held_len() == 0
     }
 
     /// Bytes held back right now (never more than [`MAX_HELD_EVENT`]).
@@ -249,14 +267,25 @@ impl SseUsageScan {
 /// can decode to `usage`: the literal word is absent, and so is any `\u` escape that could spell
 /// it. Most chunks of a stream are such lines; only the last one carries usage.
 fn skippable(line: &[u8], rest: &[u8]) -> bool {
-    static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"usage"));
     let blank_follows = matches!(
         rest,
         [b'\n', b'\n' | b'\r', ..] | [b'\r', b'\r', ..] | [b'\r', b'\n', b'\n' | b'\r', ..]
     );
-    blank_follows
-        && line.starts_with(b"data:")
-        && USAGE.find(line).is_none()
+    blank_follows && line.starts_with(b"data:") && !may_hold_usage(line)
+}
+
+/// Whether a key in `bytes` could decode to `usage`: the literal word is there, or a `\u`
+/// escape that could spell it. A JSON string cannot span lines, so this holds for every event
+/// whose data lies wholly within `bytes`.
+fn may_hold_usage(bytes: &[u8]) -> bool {
+    static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"usage"));
+    USAGE.find(bytes).is_some()
         // Backslashes are rare in a chunk: one search for them is cheaper than one for `\u`.
-        && !memchr::memchr_iter(b'\\', line).any(|i| line.get(i + 1) == Some(&b'u'))
+        || memchr::memchr_iter(b'\\', bytes).any(|i| bytes.get(i + 1) == Some(&b'u'))
+}
+
+/// Whether `frame` ends with a blank line, so an event ends at its last byte: the last LF (alone
+/// or in a CRLF) follows another line end. A CR last may still be followed by a LF: not counted.
+fn ends_event(frame: &[u8]) -> bool {
+    frame.ends_with(b"\n\n") || frame.ends_with(b"\n\r\n") || frame.ends_with(b"\r\r\n")
 }

@@ -75,8 +75,11 @@ fn whole_events_without_the_word_usage_are_skipped_but_escaped_keys_are_not() {
     // `\u` escape or a second data line still takes the full scan.
     let escaped = r#"{"choices":[],"us\u0061ge":{"prompt_tokens":3,"completion_tokens":4}}"#;
     for eol in ["\n", "\r\n", "\r"] {
-        let stream = format!("data: {ROLE}{eol}{eol}data: {escaped}{eol}{eol}");
-        let stripped = format!("data: {ROLE}{eol}{eol}");
+        // The event after the cut one starts a frame, at some split, with the LF of a CRLF
+        // that belongs to the cut event.
+        let stream =
+            format!("data: {ROLE}{eol}{eol}data: {escaped}{eol}{eol}data: {STOP}{eol}{eol}");
+        let stripped = format!("data: {ROLE}{eol}{eol}data: {STOP}{eol}{eol}");
         sse_all_splits(&stream, u(3, 4), &stripped);
         let two_lines = format!(
             "data: {{\"choices\":[],{eol}data: \"usage\":{{\"prompt_tokens\":1}}}}{eol}{eol}"
@@ -255,6 +258,28 @@ fn held_event_is_bounded_and_then_passes_unfiltered() {
             "step {step}: released whole once over the bound"
         );
     }
+    // An event released over the bound is not cut, but the next usage-only one is, though the
+    // frame that ends the released event is all whole events without usage.
+    let comment = format!(": {pad}\n");
+    let frames = [
+        comment.clone(),
+        format!("\ndata: {ROLE}\n\n"),
+        format!("data: {USAGE_ONLY}\n\n"),
+        "data: [DONE]\n\n".to_string(),
+    ];
+    let mut scan = SseUsageScan::new(true);
+    let mut out = Vec::new();
+    for frame in frames {
+        scan.feed(Bytes::from(frame))
+            .for_each(|b| out.extend_from_slice(&b));
+    }
+    scan.finish().for_each(|b| out.extend_from_slice(&b));
+    assert_eq!(scan.usage(), u(12, 34));
+    let kept = format!("{comment}\ndata: {ROLE}\n\ndata: [DONE]\n\n");
+    assert!(
+        out == kept.as_bytes(),
+        "the usage-only event after it is cut"
+    );
     // In one frame nothing is held: the event is cut as usual.
     let (usage, out) = sse(&stream, stream.len());
     assert_eq!(usage, u(5, 0));
