@@ -86,6 +86,11 @@ impl ChunksBody {
             remaining: len as u64,
         }
     }
+
+    /// The chunks not yet taken as frames.
+    pub fn rest(&self) -> &[Bytes] {
+        &self.chunks[self.next..]
+    }
 }
 
 impl Body for ChunksBody {
@@ -127,12 +132,14 @@ pub enum UpstreamBody {
 
 impl UpstreamBody {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ()>>> {
-        let frame = match self {
-            UpstreamBody::Remote(b) => Pin::new(b).poll_frame(cx),
-            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx),
-            UpstreamBody::Echo(b) => return b.poll_frame(cx).map(|f| f.map(Ok)),
-        };
-        frame.map(|f| f.map(|r| r.map_err(|e| tracing::debug!("upstream body failed: {e}"))))
+        fn logged<E: std::fmt::Display>(r: Result<Frame<Bytes>, E>) -> Result<Frame<Bytes>, ()> {
+            r.map_err(|e| tracing::debug!("upstream body failed: {e}"))
+        }
+        match self {
+            UpstreamBody::Remote(b) => Pin::new(b).poll_frame(cx).map(|f| f.map(logged)),
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map(|f| f.map(logged)),
+            UpstreamBody::Echo(b) => b.poll_frame(cx).map(|f| f.map(Ok)),
+        }
     }
 
     fn is_end_stream(&self) -> bool {

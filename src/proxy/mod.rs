@@ -419,10 +419,9 @@ fn attempt_h1<'a>(
                         response.map(|body| UpstreamBody::H1(h1::H1Body::new(body, conn, home))),
                     );
                 }
-                Ok(Err(mut e)) => match e.take_message() {
+                Ok(Err(h1::SendError { error: e, unsent })) => match unsent {
                     Some(unsent) if reused => req = unsent,
                     unsent => {
-                        let e = e.into_error();
                         tracing::warn!(pool = %pool.name, endpoint = %endpoint.label, "upstream request failed: {e}");
                         return if unsent.is_some() {
                             Attempt::NotSent

@@ -1,0 +1,460 @@
+//! HTTP/1.1 on the wire to a backend (RFC 9112): the request head written, the response head
+//! parsed, the response body's framing decoded. Functions over buffers, no I/O, so the tests and
+//! the fuzz target drive them byte by byte.
+//!
+//! The chunked decoder reads control bytes (sizes, line ends, trailers) in place and hands each
+//! run of chunk data on as one slice of the read buffer: no copy, and no allocation per chunk.
+
+use std::fmt;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use http_body::SizeHint;
+
+/// Most header lines a response head may have.
+pub const MAX_HEADERS: usize = 100;
+/// Largest response head accepted, interim responses included.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: u16 = 4096;
+/// Largest trailer section accepted (trailers are read and dropped).
+const MAX_TRAILERS: u16 = 16 * 1024;
+
+/// A response that is not well-formed HTTP/1.1, or that ended early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireError {
+    /// The head does not parse (httparse's reason).
+    Head(httparse::Error),
+    /// The head is larger than [`MAX_HEAD`].
+    HeadTooLarge,
+    /// A `101 Switching Protocols`, never asked for.
+    Upgrade,
+    /// `Content-Length` is not one decimal number.
+    ContentLength,
+    /// A chunk-size line is malformed or too long.
+    ChunkSize,
+    /// Chunk data is not followed by CRLF.
+    ChunkEnd,
+    /// The trailer section is malformed or too large.
+    Trailers,
+    /// The connection closed before the response's end.
+    Closed,
+}
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WireError::Head(e) => write!(f, "malformed response head: {e}"),
+            WireError::HeadTooLarge => write!(f, "response head larger than {MAX_HEAD} bytes"),
+            WireError::Upgrade => f.write_str("unrequested protocol switch"),
+            WireError::ContentLength => f.write_str("invalid content-length"),
+            WireError::ChunkSize => f.write_str("malformed chunk size line"),
+            WireError::ChunkEnd => f.write_str("chunk data not followed by CRLF"),
+            WireError::Trailers => f.write_str("malformed or oversized trailers"),
+            WireError::Closed => f.write_str("connection closed before the response ended"),
+        }
+    }
+}
+
+impl std::error::Error for WireError {}
+
+/// Appends a request head to `out`: the request line with `target` (origin form), then
+/// `headers` as they are. The `http` types hold no CR or LF, so nothing can be injected.
+pub fn write_head(out: &mut Vec<u8>, method: &Method, target: &str, headers: &HeaderMap) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A parsed response head: the response (its body is the decoder of its framing) and whether
+/// the connection may carry another exchange once the body was read to its end.
+#[derive(Debug)]
+pub struct Head {
+    pub response: Response<Decoder>,
+    pub keep_alive: bool,
+}
+
+/// Parses the response head at the front of `buf` and removes it; `Ok(None)` while it is
+/// incomplete. Interim (1xx) responses before it are removed and skipped. `head_request`: the
+/// request was a HEAD, so no body follows whatever the head says.
+pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, WireError> {
+    loop {
+        // Where each name and value lies in `buf`, so they can be sliced once it is frozen.
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut headers);
+        let len = match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Ok(None),
+            Ok(_) => return Err(WireError::HeadTooLarge),
+            Err(e) => return Err(WireError::Head(e)),
+        };
+        let code = parsed.code.unwrap_or_default();
+        let http10 = parsed.version == Some(0);
+        let base = buf.as_ptr() as usize;
+        for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            *span = (name, name + h.name.len(), value, value + h.value.len());
+        }
+        let count = parsed.headers.len();
+        if code == 101 {
+            return Err(WireError::Upgrade);
+        }
+        if (100..200).contains(&code) {
+            buf.advance(len);
+            continue;
+        }
+        let status =
+            StatusCode::from_u16(code).map_err(|_| WireError::Head(httparse::Error::Status))?;
+        let head = buf.split_to(len).freeze();
+        let mut map = HeaderMap::with_capacity(count);
+        for &(n0, n1, v0, v1) in &spans[..count] {
+            // httparse checked both (token characters; no CR, LF or NUL in values).
+            let name = HeaderName::from_bytes(&head[n0..n1])
+                .map_err(|_| WireError::Head(httparse::Error::HeaderName))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
+                .map_err(|_| WireError::Head(httparse::Error::HeaderValue))?;
+            map.append(name, value);
+        }
+        let no_body = head_request || matches!(code, 204 | 304);
+        let (decoder, framed) = if no_body {
+            (Decoder::Done, true)
+        } else {
+            framing(&map)?
+        };
+        let keep_alive = framed && persistent(&map, http10);
+        let mut response = Response::new(decoder);
+        *response.status_mut() = status;
+        *response.version_mut() = if http10 {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        *response.headers_mut() = map;
+        return Ok(Some(Head {
+            response,
+            keep_alive,
+        }));
+    }
+}
+
+/// The body's framing (RFC 9112 §6.3), and whether it leaves the connection in a known state.
+/// `Transfer-Encoding` wins over `Content-Length`; with both, the connection is not reused.
+fn framing(headers: &HeaderMap) -> Result<(Decoder, bool), WireError> {
+    let te = headers.get_all(http::header::TRANSFER_ENCODING);
+    if te.iter().next().is_some() {
+        let last = te.iter().flat_map(tokens).last();
+        let sized = headers.contains_key(http::header::CONTENT_LENGTH);
+        return Ok(match last {
+            Some(t) if t.eq_ignore_ascii_case(b"chunked") => (Decoder::chunked(), !sized),
+            _ => (Decoder::UntilClose, false),
+        });
+    }
+    let mut length = None;
+    for value in headers.get_all(http::header::CONTENT_LENGTH) {
+        if value.as_bytes().trim_ascii().is_empty() {
+            return Err(WireError::ContentLength);
+        }
+        for token in tokens(value) {
+            let n = parse_decimal(token).ok_or(WireError::ContentLength)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(WireError::ContentLength);
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(n) => (Decoder::length(n), true),
+        None => (Decoder::UntilClose, false),
+    })
+}
+
+/// Whether the connection stays open after this response: HTTP/1.1 unless it says `close`,
+/// HTTP/1.0 only when it says `keep-alive`.
+fn persistent(headers: &HeaderMap, http10: bool) -> bool {
+    let has = |word: &[u8]| {
+        headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .flat_map(tokens)
+            .any(|t| t.eq_ignore_ascii_case(word))
+    };
+    if http10 {
+        has(b"keep-alive")
+    } else {
+        !has(b"close")
+    }
+}
+
+/// The comma-separated elements of a header value, trimmed, empty ones skipped.
+fn tokens(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+    })
+}
+
+/// What [`Decoder::decode`] found in the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// Body bytes, a slice of the read buffer.
+    Data(Bytes),
+    /// The buffer holds no more of the body: read more.
+    NeedMore,
+    /// The body ended; the bytes after it (if any) were left in the buffer.
+    End,
+}
+
+/// The state of a response body's framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoder {
+    /// `Content-Length`: this many bytes left.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked(Chunk),
+    /// Neither: the body ends when the connection closes.
+    UntilClose,
+    /// The body has ended.
+    Done,
+}
+
+/// Where the chunked decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunk {
+    /// In the hex size: its value, its digits, the line's length so far.
+    Size {
+        size: u64,
+        digits: u8,
+        line: u16,
+    },
+    /// In chunk extensions, ignored up to the CR.
+    Ext {
+        size: u64,
+        line: u16,
+    },
+    /// After the size line's CR.
+    SizeLf(u64),
+    /// In chunk data: this many bytes left.
+    Data(u64),
+    /// After chunk data: CR, then LF.
+    DataCr,
+    DataLf,
+    /// In the trailer section after the last chunk: the current line's length, the section's.
+    Trailer {
+        line: u16,
+        total: u16,
+    },
+    /// After a trailer line's CR; `blank`: it ended the section.
+    TrailerLf {
+        blank: bool,
+        total: u16,
+    },
+}
+
+impl Decoder {
+    /// A body of `n` bytes.
+    pub fn length(n: u64) -> Decoder {
+        if n == 0 {
+            Decoder::Done
+        } else {
+            Decoder::Length(n)
+        }
+    }
+
+    /// A chunked body, before its first size line.
+    pub fn chunked() -> Decoder {
+        Decoder::Chunked(Chunk::Size {
+            size: 0,
+            digits: 0,
+            line: 0,
+        })
+    }
+
+    /// Takes the next piece of the body from the front of `buf`.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, WireError> {
+        match self {
+            Decoder::Done => Ok(Decoded::End),
+            Decoder::Length(left) => {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let n = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                *self = Decoder::length(*left - n as u64);
+                Ok(Decoded::Data(buf.split_to(n).freeze()))
+            }
+            Decoder::UntilClose if buf.is_empty() => Ok(Decoded::NeedMore),
+            Decoder::UntilClose => Ok(Decoded::Data(buf.split().freeze())),
+            Decoder::Chunked(state) => {
+                let (decoded, ended) = chunked(state, buf)?;
+                if ended {
+                    *self = Decoder::Done;
+                }
+                Ok(decoded)
+            }
+        }
+    }
+
+    /// The connection closed with `decode` wanting more: the end of a body that runs to the
+    /// close, an error for any other.
+    pub fn at_close(&mut self) -> Result<(), WireError> {
+        match self {
+            Decoder::UntilClose | Decoder::Done => {
+                *self = Decoder::Done;
+                Ok(())
+            }
+            _ => Err(WireError::Closed),
+        }
+    }
+
+    /// Whether the body has ended.
+    pub fn is_done(&self) -> bool {
+        *self == Decoder::Done
+    }
+
+    /// The body's exact length when it is known.
+    pub fn size_hint(&self) -> SizeHint {
+        match self {
+            Decoder::Length(n) => SizeHint::with_exact(*n),
+            Decoder::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// Decodes chunked framing from the front of `buf`: control bytes are consumed in place, and
+/// the data of a chunk goes out as one slice (or as much of it as has come). Returns whether the
+/// body ended too: after a chunk's last data, the framing that follows it in `buf` is read
+/// ahead, so that the last chunk says it is the last.
+fn chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<(Decoded, bool), WireError> {
+    if let Chunk::Data(left) = state {
+        if buf.is_empty() {
+            return Ok((Decoded::NeedMore, false));
+        }
+        let n = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+        *left -= n as u64;
+        let data = buf.split_to(n).freeze();
+        // A framing error ahead is found again, and reported, by the next call.
+        let ended = *left == 0 && {
+            *state = Chunk::DataCr;
+            control(state, buf).unwrap_or(false)
+        };
+        return Ok((Decoded::Data(data), ended));
+    }
+    if control(state, buf)? {
+        return Ok((Decoded::End, true));
+    }
+    match state {
+        Chunk::Data(_) => chunked(state, buf),
+        _ => Ok((Decoded::NeedMore, false)),
+    }
+}
+
+/// Consumes control bytes from the front of `buf` up to chunk data, the body's end (returns
+/// true) or the buffer's end. On an error, the bytes before the bad one are consumed.
+fn control(state: &mut Chunk, buf: &mut BytesMut) -> Result<bool, WireError> {
+    let mut used = 0;
+    let mut result = Ok(false);
+    for &b in buf.iter() {
+        match step(*state, b) {
+            Ok(Step::Next(next)) => *state = next,
+            Ok(Step::End) => result = Ok(true),
+            Err(e) => result = Err(e),
+        }
+        if result != Ok(false) {
+            break;
+        }
+        used += 1;
+        if matches!(state, Chunk::Data(_)) {
+            break;
+        }
+    }
+    if result == Ok(true) {
+        used += 1;
+    }
+    buf.advance(used);
+    result
+}
+
+enum Step {
+    Next(Chunk),
+    End,
+}
+
+/// One control byte of chunked framing.
+fn step(state: Chunk, b: u8) -> Result<Step, WireError> {
+    use Chunk::*;
+    let next = match state {
+        Size { size, digits, line } if line < MAX_CHUNK_LINE => match b {
+            b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' if digits < 16 => {
+                let d = (b as char).to_digit(16).unwrap_or_default();
+                Size {
+                    size: size << 4 | u64::from(d),
+                    digits: digits + 1,
+                    line: line + 1,
+                }
+            }
+            b';' | b' ' | b'\t' if digits > 0 => Ext {
+                size,
+                line: line + 1,
+            },
+            b'\r' if digits > 0 => SizeLf(size),
+            _ => return Err(WireError::ChunkSize),
+        },
+        Ext { size, line } if line < MAX_CHUNK_LINE => match b {
+            b'\r' => SizeLf(size),
+            b'\n' => return Err(WireError::ChunkSize),
+            _ => Ext {
+                size,
+                line: line + 1,
+            },
+        },
+        SizeLf(0) if b == b'\n' => Trailer { line: 0, total: 0 },
+        SizeLf(size) if b == b'\n' => Data(size),
+        DataCr if b == b'\r' => DataLf,
+        DataLf if b == b'\n' => Size {
+            size: 0,
+            digits: 0,
+            line: 0,
+        },
+        Trailer { line, total } if total < MAX_TRAILERS => match b {
+            b'\r' => TrailerLf {
+                blank: line == 0,
+                total: total + 1,
+            },
+            b'\n' => return Err(WireError::Trailers),
+            _ => Trailer {
+                line: line + 1,
+                total: total + 1,
+            },
+        },
+        TrailerLf { blank: true, .. } if b == b'\n' => return Ok(Step::End),
+        TrailerLf { total, .. } if b == b'\n' => Trailer { line: 0, total },
+        Size { .. } | Ext { .. } | SizeLf(_) => return Err(WireError::ChunkSize),
+        DataCr | DataLf | Data(_) => return Err(WireError::ChunkEnd),
+        Trailer { .. } | TrailerLf { .. } => return Err(WireError::Trailers),
+    };
+    Ok(Step::Next(next))
+}
+
+#[cfg(test)]
+#[path = "wire_tests.rs"]
+mod tests;

@@ -1,0 +1,266 @@
+use super::*;
+
+/// Feeds `input` to `decoder` `step` bytes at a time; returns the body bytes, how decoding
+/// ended (`Ok(true)`: at the body's end, `Ok(false)`: wanting more) and the bytes left unread.
+fn decode(
+    mut decoder: Decoder,
+    input: &[u8],
+    step: usize,
+) -> (Vec<u8>, Result<bool, WireError>, Vec<u8>) {
+    let mut buf = BytesMut::new();
+    let mut body = Vec::new();
+    let mut pieces = input.chunks(step);
+    loop {
+        match decoder.decode(&mut buf) {
+            Ok(Decoded::Data(d)) => {
+                assert!(!d.is_empty());
+                body.extend_from_slice(&d);
+            }
+            Ok(Decoded::End) => {
+                assert!(decoder.is_done());
+                let rest: Vec<u8> = pieces.flatten().copied().collect();
+                return (body, Ok(true), [&buf[..], &rest].concat());
+            }
+            Ok(Decoded::NeedMore) => match pieces.next() {
+                Some(p) => buf.extend_from_slice(p),
+                None => return (body, Ok(false), buf.to_vec()),
+            },
+            Err(e) => return (body, Err(e), Vec::new()),
+        }
+    }
+}
+
+/// The same answer at every step size.
+fn decode_all_steps(decoder: Decoder, input: &[u8]) -> (Vec<u8>, Result<bool, WireError>, Vec<u8>) {
+    let whole = decode(decoder, input, input.len().max(1));
+    for step in 1..input.len() {
+        assert_eq!(decode(decoder, input, step), whole, "step {step}");
+    }
+    whole
+}
+
+fn head(text: &str) -> Result<Option<Head>, WireError> {
+    parse_head(&mut BytesMut::from(text), false)
+}
+
+fn complete(text: &str) -> Head {
+    head(text).unwrap().unwrap()
+}
+
+#[test]
+fn request_head_is_origin_form_with_the_headers_as_given() {
+    let mut headers = HeaderMap::new();
+    headers.insert("host", HeaderValue::from_static("b:8000"));
+    headers.append("x-a", HeaderValue::from_static("1"));
+    headers.append("x-a", HeaderValue::from_static("2"));
+    let mut out = b"left over".to_vec();
+    out.clear();
+    write_head(
+        &mut out,
+        &Method::POST,
+        "/v1/chat/completions?x=1",
+        &headers,
+    );
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "POST /v1/chat/completions?x=1 HTTP/1.1\r\nhost: b:8000\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
+    );
+}
+
+#[test]
+fn response_head_parses_once_whole_and_leaves_the_body() {
+    let text = "HTTP/1.1 201 Created\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\n\r\nhello";
+    let head_len = text.len() - 5;
+    for cut in 0..head_len {
+        let mut buf = BytesMut::from(&text[..cut]);
+        assert!(parse_head(&mut buf, false).unwrap().is_none(), "cut {cut}");
+        assert_eq!(buf.len(), cut, "nothing consumed before the head is whole");
+    }
+    let mut buf = BytesMut::from(text);
+    let head = parse_head(&mut buf, false).unwrap().unwrap();
+    assert_eq!(&buf[..], b"hello");
+    let r = &head.response;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.version(), Version::HTTP_11);
+    let xa: Vec<_> = r.headers().get_all("x-a").iter().collect();
+    assert_eq!(xa, ["1", "2"]);
+    assert_eq!(*r.body(), Decoder::Length(5));
+    assert!(head.keep_alive);
+}
+
+#[test]
+fn interim_responses_are_skipped_and_upgrades_refused() {
+    let h = complete(
+        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+    );
+    assert_eq!(h.response.status(), StatusCode::OK);
+    assert!(h.response.headers().get("link").is_none());
+    assert_eq!(*h.response.body(), Decoder::Done);
+    // An interim response whole and the final one not yet: the interim one is consumed.
+    let mut buf = BytesMut::from("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 2");
+    assert!(parse_head(&mut buf, false).unwrap().is_none());
+    assert_eq!(&buf[..], b"HTTP/1.1 2");
+    assert_eq!(
+        head("HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n").unwrap_err(),
+        WireError::Upgrade
+    );
+}
+
+#[test]
+fn malformed_and_oversized_heads_are_refused() {
+    assert!(matches!(
+        head("HTTP/2 200 OK\r\n\r\n"),
+        Err(WireError::Head(_))
+    ));
+    assert!(matches!(
+        head("HTTP/1.1 2000 OK\r\n\r\n"),
+        Err(WireError::Head(_))
+    ));
+    assert!(matches!(
+        head("HTTP/1.1 200 OK\r\nbad header\r\n\r\n"),
+        Err(WireError::Head(_))
+    ));
+    let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
+    assert!(matches!(
+        head(&format!("HTTP/1.1 200 OK\r\n{many}\r\n")),
+        Err(WireError::Head(_))
+    ));
+    let big = format!("HTTP/1.1 200 OK\r\nx: {}\r\n", "v".repeat(MAX_HEAD));
+    assert_eq!(head(&big).unwrap_err(), WireError::HeadTooLarge);
+    assert_eq!(
+        head(&format!("{big}\r\n")).unwrap_err(),
+        WireError::HeadTooLarge
+    );
+}
+
+#[test]
+fn framing_follows_rfc_9112() {
+    let framed = |headers: &str| {
+        let h = complete(&format!("HTTP/1.1 200 OK\r\n{headers}\r\n"));
+        (*h.response.body(), h.keep_alive)
+    };
+    assert_eq!(framed("content-length: 7\r\n"), (Decoder::Length(7), true));
+    assert_eq!(
+        framed("content-length: 7, 7\r\ncontent-length: 7\r\n"),
+        (Decoder::Length(7), true)
+    );
+    assert_eq!(framed("content-length: 0\r\n"), (Decoder::Done, true));
+    assert_eq!(
+        framed("transfer-encoding: chunked\r\n"),
+        (Decoder::chunked(), true)
+    );
+    assert_eq!(
+        framed("transfer-encoding: gzip\r\ntransfer-encoding: Chunked\r\n"),
+        (Decoder::chunked(), true)
+    );
+    // Both: the transfer coding wins, and the connection is not trusted after it.
+    assert_eq!(
+        framed("transfer-encoding: chunked\r\ncontent-length: 3\r\n"),
+        (Decoder::chunked(), false)
+    );
+    assert_eq!(
+        framed("transfer-encoding: chunked, gzip\r\n"),
+        (Decoder::UntilClose, false)
+    );
+    assert_eq!(framed(""), (Decoder::UntilClose, false));
+    for bad in ["7, 8", "+7", "-1", "7a", "", "99999999999999999999"] {
+        let text = format!("HTTP/1.1 200 OK\r\ncontent-length: {bad}\r\n\r\n");
+        assert_eq!(
+            head(&text).unwrap_err(),
+            WireError::ContentLength,
+            "{bad:?}"
+        );
+    }
+    // No body after 204, 304, or any answer to HEAD, whatever the head says.
+    for code in ["204 No Content", "304 Not Modified"] {
+        let h = complete(&format!("HTTP/1.1 {code}\r\ncontent-length: 9\r\n\r\n"));
+        assert_eq!(*h.response.body(), Decoder::Done);
+    }
+    let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+    let h = parse_head(&mut buf, true).unwrap().unwrap();
+    assert_eq!((*h.response.body(), h.keep_alive), (Decoder::Done, true));
+}
+
+#[test]
+fn keep_alive_by_version_and_connection_header() {
+    let alive = |text: &str| complete(text).keep_alive;
+    assert!(alive("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"));
+    assert!(!alive(
+        "HTTP/1.1 200 OK\r\nconnection: Keep-Alive, CLOSE\r\ncontent-length: 0\r\n\r\n"
+    ));
+    assert!(!alive("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n"));
+    assert!(alive(
+        "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n"
+    ));
+    let h = complete("HTTP/1.0 200 OK\r\n\r\n");
+    assert_eq!(h.response.version(), Version::HTTP_10);
+}
+
+#[test]
+fn sized_bodies_end_at_their_length() {
+    let (body, end, rest) = decode_all_steps(Decoder::length(5), b"helloHTTP/1.1");
+    assert_eq!(
+        (&body[..], end, &rest[..]),
+        (&b"hello"[..], Ok(true), &b"HTTP/1.1"[..])
+    );
+    let (body, end, _) = decode_all_steps(Decoder::length(5), b"hel");
+    assert_eq!((&body[..], end), (&b"hel"[..], Ok(false)));
+    let mut short = Decoder::length(5);
+    assert_eq!(short.at_close(), Err(WireError::Closed));
+    let mut open = Decoder::UntilClose;
+    let (body, end, _) = decode_all_steps(open, b"all of it");
+    assert_eq!((&body[..], end), (&b"all of it"[..], Ok(false)));
+    assert_eq!(open.at_close(), Ok(()));
+    assert!(open.is_done());
+}
+
+#[test]
+fn chunked_bodies_with_extensions_and_trailers() {
+    let wire = b"5\r\nhello\r\n1A;name=\"v\" ; x\r\nabcdefghijklmnopqrstuvwxyz\r\n00 \r\nx-t: 1\r\ny: 2\r\n\r\nNEXT";
+    let (body, end, rest) = decode_all_steps(Decoder::chunked(), wire);
+    assert_eq!(body, b"helloabcdefghijklmnopqrstuvwxyz");
+    assert_eq!((end, &rest[..]), (Ok(true), &b"NEXT"[..]));
+    let (body, end, rest) = decode_all_steps(Decoder::chunked(), b"3\r\nabc\r\n0\r\n\r\n");
+    assert_eq!((&body[..], end, rest.len()), (&b"abc"[..], Ok(true), 0));
+    // Upper-case hex, and 16 digits with leading zeros.
+    let (body, end, _) = decode_all_steps(
+        Decoder::chunked(),
+        b"000000000000000A\r\n0123456789\r\n0\r\n\r\n",
+    );
+    assert_eq!((&body[..], end), (&b"0123456789"[..], Ok(true)));
+    // Cut anywhere before the end: wants more, or at close fails.
+    let (_, end, _) = decode_all_steps(Decoder::chunked(), b"3\r\nabc\r\n0\r\n");
+    assert_eq!(end, Ok(false));
+    assert_eq!(Decoder::chunked().at_close(), Err(WireError::Closed));
+}
+
+#[test]
+fn malformed_chunked_framing_is_refused() {
+    let cases: &[(&[u8], WireError)] = &[
+        (b"\r\n", WireError::ChunkSize),
+        (b"g\r\n", WireError::ChunkSize),
+        (b"5\n", WireError::ChunkSize),
+        (b";x\r\n", WireError::ChunkSize),
+        (b"5;x\nhello", WireError::ChunkSize),
+        (b"10000000000000000\r\n", WireError::ChunkSize),
+        (b"5\r\nhelloX\r\n", WireError::ChunkEnd),
+        (b"5\r\nhello\rX", WireError::ChunkEnd),
+        (b"5\r\nhello\n", WireError::ChunkEnd),
+        (b"0\r\nx: 1\n\r\n", WireError::Trailers),
+        (b"0\r\n\rX", WireError::Trailers),
+    ];
+    for (wire, err) in cases {
+        let (_, end, _) = decode_all_steps(Decoder::chunked(), wire);
+        assert_eq!(end, Err(*err), "{:?}", String::from_utf8_lossy(wire));
+    }
+    let long_ext = format!("1;{}\r\n", "e".repeat(usize::from(MAX_CHUNK_LINE)));
+    assert_eq!(
+        decode(Decoder::chunked(), long_ext.as_bytes(), 64).1,
+        Err(WireError::ChunkSize)
+    );
+    let long_trailers = format!("0\r\n{}\r\n\r\n", "t".repeat(usize::from(MAX_TRAILERS)));
+    assert_eq!(
+        decode(Decoder::chunked(), long_trailers.as_bytes(), 64).1,
+        Err(WireError::Trailers)
+    );
+}
