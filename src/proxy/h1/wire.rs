@@ -6,6 +6,7 @@
 //! run of chunk data on as one slice of the read buffer: no copy, and no allocation per chunk.
 
 use std::fmt;
+use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
@@ -87,11 +88,16 @@ pub struct Head {
 /// request was a HEAD, so no body follows whatever the head says.
 pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, WireError> {
     loop {
-        // Where each name and value lies in `buf`, so they can be sliced once it is frozen.
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut headers);
-        let len = match parsed.parse(buf) {
+        // Where each name and value lies in `buf`, so they can be sliced once it is frozen
+        // (offsets below MAX_HEAD fit in u32; the array is zeroed per parse, so it is kept small).
+        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut parsed,
+            buf,
+            &mut headers,
+        ) {
             Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
             Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Ok(None),
             Ok(_) => return Err(WireError::HeadTooLarge),
@@ -100,10 +106,15 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
         let code = parsed.code.unwrap_or_default();
         let http10 = parsed.version == Some(0);
         let base = buf.as_ptr() as usize;
+        let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
         for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            *span = (name, name + h.name.len(), value, value + h.value.len());
+            let (name, value) = (offset(h.name.as_bytes()), offset(h.value));
+            *span = (
+                name,
+                name + h.name.len() as u32,
+                value,
+                value + h.value.len() as u32,
+            );
         }
         let count = parsed.headers.len();
         if code == 101 {
@@ -118,6 +129,7 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
         let head = buf.split_to(len).freeze();
         let mut map = HeaderMap::with_capacity(count);
         for &(n0, n1, v0, v1) in &spans[..count] {
+            let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
             // httparse checked both (token characters; no CR, LF or NUL in values).
             let name = HeaderName::from_bytes(&head[n0..n1])
                 .map_err(|_| WireError::Head(httparse::Error::HeaderName))?;
