@@ -17,9 +17,9 @@ pub const MAX_HEADERS: usize = 100;
 /// Largest response head accepted, interim responses included.
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Longest chunk-size line, extensions included.
-const MAX_CHUNK_LINE: u16 = 4096;
+pub(crate) const MAX_CHUNK_LINE: u16 = 4096;
 /// Largest trailer section accepted (trailers are read and dropped).
-const MAX_TRAILERS: u16 = 16 * 1024;
+pub(crate) const MAX_TRAILERS: u16 = 16 * 1024;
 
 /// A response that is not well-formed HTTP/1.1, or that ended early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -383,6 +383,25 @@ fn chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<(Decoded, bool), Wir
 /// Consumes control bytes from the front of `buf` up to chunk data, the body's end (returns
 /// true) or the buffer's end. On an error, the bytes before the bad one are consumed.
 fn control(state: &mut Chunk, buf: &mut BytesMut) -> Result<bool, WireError> {
+    // The usual framing between two chunks, CRLF then a bare size line, in one step.
+    if *state == Chunk::DataCr && buf.starts_with(b"\r\n") {
+        buf.advance(2);
+        *state = Chunk::Size {
+            size: 0,
+            digits: 0,
+            line: 0,
+        };
+    }
+    if let Some((size, len)) = bare_size_line(*state, buf) {
+        buf.advance(len);
+        *state = match size {
+            0 => Chunk::Trailer { line: 0, total: 0 },
+            n => Chunk::Data(n),
+        };
+        if size != 0 {
+            return Ok(false);
+        }
+    }
     let mut used = 0;
     let mut result = Ok(false);
     for &b in buf.iter() {
@@ -404,6 +423,31 @@ fn control(state: &mut Chunk, buf: &mut BytesMut) -> Result<bool, WireError> {
     }
     buf.advance(used);
     result
+}
+
+/// At the start of a size line, one without extensions that is whole in `buf`: the size and
+/// the line's length with its CRLF. `step` would reach the same state byte by byte.
+fn bare_size_line(state: Chunk, buf: &[u8]) -> Option<(u64, usize)> {
+    let start = Chunk::Size {
+        size: 0,
+        digits: 0,
+        line: 0,
+    };
+    if state != start {
+        return None;
+    }
+    let digits = buf
+        .iter()
+        .take(17)
+        .take_while(|b| b.is_ascii_hexdigit())
+        .count();
+    if digits == 0 || digits > 16 || buf.get(digits..digits + 2) != Some(b"\r\n") {
+        return None;
+    }
+    let size = buf[..digits].iter().fold(0u64, |n, &b| {
+        n << 4 | u64::from((b as char).to_digit(16).unwrap_or_default())
+    });
+    Some((size, digits + 2))
 }
 
 enum Step {
