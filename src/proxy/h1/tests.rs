@@ -50,14 +50,20 @@ fn conns(port: u16, max_idle: usize, idle_for: Duration) -> Arc<Conns> {
 }
 
 fn request() -> Request<ChunksBody> {
-    let body = ChunksBody::new(Arc::from(vec![Bytes::from_static(b"{}")]), 2);
+    request_with(vec![Bytes::from_static(b"{}")])
+}
+
+/// A request whose body is `chunks`, sent as they are (one slice each).
+fn request_with(chunks: Vec<Bytes>) -> Request<ChunksBody> {
+    let len: usize = chunks.iter().map(Bytes::len).sum();
+    let body = ChunksBody::new(Arc::from(chunks), len);
     let mut req = Request::new(body);
     *req.method_mut() = http::Method::POST;
     *req.uri_mut() = http::Uri::from_static("/v1/chat/completions");
     req.headers_mut()
         .insert(http::header::HOST, http::HeaderValue::from_static("b"));
     req.headers_mut()
-        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(2));
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
     req
 }
 
@@ -153,4 +159,85 @@ async fn a_refused_connect_fails() {
         Duration::from_secs(1),
     );
     assert!(conns.connect().await.is_err());
+}
+
+/// A backend that reads one request head (and at least `read` bytes), answers `answer` and keeps
+/// the connection open until `close_after`, then drops it without reading more. Returns the port
+/// and what it read.
+async fn early_answer(
+    answer: &'static str,
+    read: usize,
+    close_after: Duration,
+) -> (u16, tokio::task::JoinHandle<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = Vec::new();
+        while got.len() < read || !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(answer.as_bytes()).await.unwrap();
+        tokio::time::sleep(close_after).await;
+        got
+    });
+    (port, task)
+}
+
+#[tokio::test]
+async fn head_and_body_slices_go_out_as_one_request() {
+    // More slices than one vectored write takes, some of them empty.
+    let chunks: Vec<Bytes> = (0..40)
+        .map(|i| {
+            if i % 3 == 0 {
+                Bytes::new()
+            } else {
+                Bytes::from(format!("[{i}]"))
+            }
+        })
+        .collect();
+    let body: Vec<u8> = chunks.concat();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: b\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let sent = [head.as_bytes(), &body].concat();
+    let (port, task) = early_answer(SIZED, sent.len(), Duration::ZERO).await;
+    let conns = conns(port, 4, Duration::from_secs(30));
+    let mut conn = conns.connect().await.unwrap();
+    let response = conn
+        .send(request_with(chunks))
+        .await
+        .map_err(|e| e.error)
+        .unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    assert_eq!(
+        String::from_utf8(task.await.unwrap()).unwrap(),
+        String::from_utf8(sent).unwrap()
+    );
+}
+
+#[tokio::test]
+async fn an_answer_sent_before_the_body_was_read_is_still_read() {
+    let answer = "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\n\r\nbig!";
+    let (port, _task) = early_answer(answer, 0, Duration::from_millis(50)).await;
+    let conns = conns(port, 4, Duration::from_secs(30));
+    let mut conn = conns.connect().await.unwrap();
+    // Far more than the socket buffers hold: the write fails once the backend closes.
+    let big = Bytes::from(vec![b'x'; 32 << 20]);
+    let response = conn
+        .send(request_with(vec![big]))
+        .await
+        .map_err(|e| e.error)
+        .unwrap();
+    assert_eq!(response.status(), http::StatusCode::PAYLOAD_TOO_LARGE);
+    let body = H1Body::new(response.into_body(), conn, Arc::clone(&conns));
+    assert_eq!(body.collect().await.unwrap().to_bytes(), "big!");
+    assert_eq!(
+        conns.idle(),
+        0,
+        "a connection whose request was cut is not reused"
+    );
 }
