@@ -11,7 +11,7 @@ use arkor_edge::fuzzing::{self, Outcome};
 type Check = fn(&[u8]) -> Outcome;
 
 /// Every target and its check; a target without a corpus folder or with an empty one fails.
-const TARGETS: [(&str, Check); 7] = [
+const TARGETS: [(&str, Check); 8] = [
     ("host", fuzzing::host::check),
     ("sni", fuzzing::sni::check),
     ("auth", fuzzing::auth::check),
@@ -19,6 +19,7 @@ const TARGETS: [(&str, Check); 7] = [
     ("usage_scan", fuzzing::usage::check),
     ("control_plane", fuzzing::control::check),
     ("config", fuzzing::config::check),
+    ("h1_response", fuzzing::h1::check),
 ];
 
 fn corpus_files(target: &str) -> Vec<PathBuf> {
@@ -94,6 +95,11 @@ fn control_plane_corpus() {
 #[test]
 fn config_corpus() {
     replay(TARGETS[6].0, TARGETS[6].1);
+}
+
+#[test]
+fn h1_response_corpus() {
+    replay(TARGETS[7].0, TARGETS[7].1);
 }
 
 /// Every corpus folder belongs to a target this test replays, so none is silently skipped.

@@ -15,12 +15,14 @@
 //! | [`auth`] | `Authorization` → [`crate::auth::PresentedKey`], [`crate::auth::KeyHash`] hex |
 //! | [`pin`] | model pinning, differentially against serde_json and [`json_reader`] |
 //! | [`usage`] | the usage scanners over a response cut at arbitrary points |
+//! | [`h1`] | the backend HTTP/1.1 response reader: head, framing, chunked decoding |
 //! | [`control`] | control-plane events, snapshots and the pull SSE parser |
 //! | [`config`] | the TOML configuration file |
 
 pub mod auth;
 pub mod config;
 pub mod control;
+pub mod h1;
 pub mod host;
 pub mod json_reader;
 pub mod pin;
