@@ -13,7 +13,7 @@
 //! back; a body dropped before its end (the client went away) drops it, which closes the socket
 //! and so stops the backend's work at once.
 
-mod wire;
+pub(crate) mod wire;
 
 use std::collections::VecDeque;
 use std::io::IoSlice;

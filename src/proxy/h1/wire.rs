@@ -14,7 +14,7 @@ use http_body::SizeHint;
 
 /// Most header lines a response head may have.
 pub const MAX_HEADERS: usize = 100;
-/// Largest response head accepted, interim responses included.
+/// Largest response head accepted; each interim (1xx) response before it is held to it too.
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Longest chunk-size line, extensions included.
 pub(crate) const MAX_CHUNK_LINE: u16 = 4096;
