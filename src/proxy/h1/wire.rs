@@ -16,6 +16,8 @@ use http_body::SizeHint;
 pub const MAX_HEADERS: usize = 100;
 /// Largest response head accepted; each interim (1xx) response before it is held to it too.
 pub const MAX_HEAD: usize = 64 * 1024;
+/// Headers the edge adds to a response it passes on.
+const EDGE_HEADERS: usize = 6;
 /// Longest chunk-size line, extensions included.
 pub(crate) const MAX_CHUNK_LINE: u16 = 4096;
 /// Largest trailer section accepted (trailers are read and dropped).
@@ -127,7 +129,9 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
         let status =
             StatusCode::from_u16(code).map_err(|_| WireError::Head(httparse::Error::Status))?;
         let head = buf.split_to(len).freeze();
-        let mut map = HeaderMap::with_capacity(count);
+        // Room for the headers the edge adds on the way to the client (request id, CORS,
+        // the event-stream pair), so that adding them does not grow the map twice.
+        let mut map = HeaderMap::with_capacity(count + EDGE_HEADERS);
         for &(n0, n1, v0, v1) in &spans[..count] {
             let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
             // httparse checked both (token characters; no CR, LF or NUL in values).
