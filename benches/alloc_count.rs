@@ -10,6 +10,9 @@
 //! keep-alive connection, so each phase's count divided by its requests is exact, and an idle
 //! phase of the same length measures the background tasks' share (reported, not subtracted).
 //! Per chunk = (allocations of a 64-token stream - those of an 8-token stream) / 56.
+//!
+//! `ALLOC_TRACE=1` also prints, on stderr, where each allocation of one request per phase was
+//! made: its size and the first frames of its backtrace.
 
 // A measurement tool: it prints its figures and stops outright on a broken setup; the counting
 // allocator is the one unsafe impl in the project (it only forwards to the system allocator).
@@ -29,7 +32,7 @@ mod mock;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -46,11 +49,43 @@ thread_local! {
     static COUNTED: Cell<bool> = const { Cell::new(true) };
 }
 
+/// Set while one traced request runs (`ALLOC_TRACE=1`).
+static TRACING: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// This thread is printing a trace: its own allocations are not traced.
+    static IN_TRACE: Cell<bool> = const { Cell::new(false) };
+}
+
 fn count(size: usize) {
     if COUNTED.try_with(Cell::get).unwrap_or(false) {
         ALLOCS.fetch_add(1, Ordering::Relaxed);
         BYTES.fetch_add(size as u64, Ordering::Relaxed);
+        if TRACING.load(Ordering::Relaxed) && !IN_TRACE.try_with(Cell::get).unwrap_or(true) {
+            IN_TRACE.set(true);
+            trace(size);
+            IN_TRACE.set(false);
+        }
     }
+}
+
+/// Prints where an allocation of `size` bytes was made: the first frames outside the standard
+/// library and this file.
+fn trace(size: usize) {
+    let backtrace = std::backtrace::Backtrace::force_capture().to_string();
+    let frames: Vec<&str> = backtrace
+        .lines()
+        .map(str::trim_start)
+        .filter_map(|l| l.strip_prefix("at "))
+        .filter(|l| !l.contains("/rustc/") && !l.contains("alloc_count.rs"))
+        // A dependency's file from its crate folder on.
+        .map(|l| match l.find("index.crates.io-") {
+            Some(i) => l[i..].split_once('/').map_or(l, |(_, rest)| rest),
+            None => l,
+        })
+        .take(4)
+        .collect();
+    eprintln!("{size:>6} B  {}", frames.join("  <  "));
 }
 
 // SAFETY: every call is forwarded unchanged to the system allocator; counting touches only
@@ -175,6 +210,12 @@ fn read() -> Count {
 async fn phase(client: &mut Client, host: &str, key: &str, stream: bool, n: u64) -> (f64, f64) {
     for _ in 0..n / 10 {
         client.post(host, key, stream).await;
+    }
+    if std::env::var_os("ALLOC_TRACE").is_some() {
+        eprintln!("allocations of one request to {host} (stream: {stream}):");
+        TRACING.store(true, Ordering::Relaxed);
+        client.post(host, key, stream).await;
+        TRACING.store(false, Ordering::Relaxed);
     }
     let before = read();
     for _ in 0..n {
