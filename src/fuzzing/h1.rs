@@ -1,4 +1,4 @@
-//! The backend HTTP/1.1 response reader (`proxy::h1::wire`) over a response cut at arbitrary
+//! The backend HTTP/1.1 response reader (`proxy::h1::wire` and `decode`) over a response cut at arbitrary
 //! points: the same head, body, ending and unread bytes whatever the cuts; every byte accounted
 //! for; a chunked body equal to a whole-buffer reading of RFC 9112 with the decoder's limits, and
 //! a sized body equal to the bytes after the head.
@@ -10,9 +10,8 @@ use bytes::BytesMut;
 use http::Version;
 
 use super::{Outcome, ensure, splits};
-use crate::proxy::h1::wire::{
-    Decoded, Decoder, MAX_CHUNK_LINE, MAX_TRAILERS, WireError, parse_head,
-};
+use crate::proxy::h1::decode::{Decoded, Decoder, MAX_CHUNK_LINE, MAX_TRAILERS};
+use crate::proxy::h1::wire::{WireError, parse_head};
 
 /// Bytes before the response: selector and seed.
 const HEADER: usize = 9;

@@ -13,6 +13,7 @@
 //! back; a body dropped before its end (the client went away) drops it, which closes the socket
 //! and so stops the backend's work at once.
 
+pub(crate) mod decode;
 pub(crate) mod wire;
 
 use std::collections::VecDeque;
@@ -32,8 +33,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::proxy::pool::Pool;
 use crate::stream::ChunksBody;
-use wire::Decoded;
-pub use wire::{Decoder, WireError};
+use decode::Decoded;
+pub use decode::Decoder;
+pub use wire::WireError;
 
 /// How much room a read is given; the buffer grows by this when less is left.
 const READ_SIZE: usize = 8 * 1024;

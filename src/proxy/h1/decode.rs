@@ -1,0 +1,305 @@
+//! A backend response body's framing decoded from the connection's read buffer (RFC 9112 §6,
+//! §7.1): by length, chunked, or up to the close.
+//!
+//! The chunked decoder reads control bytes (sizes, line ends, trailers) in place and hands each
+//! run of chunk data on as one slice of the read buffer: no copy, and no allocation per chunk.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::SizeHint;
+
+use super::wire::WireError;
+
+/// Longest chunk-size line, extensions included.
+pub const MAX_CHUNK_LINE: u16 = 4096;
+/// Largest trailer section accepted (trailers are read and dropped).
+pub const MAX_TRAILERS: u16 = 16 * 1024;
+
+/// What [`Decoder::decode`] found in the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// Body bytes, a slice of the read buffer.
+    Data(Bytes),
+    /// The buffer holds no more of the body: read more.
+    NeedMore,
+    /// The body ended; the bytes after it (if any) were left in the buffer.
+    End,
+}
+
+/// The state of a response body's framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoder {
+    /// `Content-Length`: this many bytes left.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked(Chunk),
+    /// Neither: the body ends when the connection closes.
+    UntilClose,
+    /// The body has ended.
+    Done,
+}
+
+/// Where the chunked decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunk {
+    /// In the hex size: its value, its digits, the line's length so far.
+    Size {
+        size: u64,
+        digits: u8,
+        line: u16,
+    },
+    /// In chunk extensions, ignored up to the CR.
+    Ext {
+        size: u64,
+        line: u16,
+    },
+    /// After the size line's CR.
+    SizeLf(u64),
+    /// In chunk data: this many bytes left.
+    Data(u64),
+    /// After chunk data: CR, then LF.
+    DataCr,
+    DataLf,
+    /// In the trailer section after the last chunk: the current line's length, the section's.
+    Trailer {
+        line: u16,
+        total: u16,
+    },
+    /// After a trailer line's CR; `blank`: it ended the section.
+    TrailerLf {
+        blank: bool,
+        total: u16,
+    },
+}
+
+impl Decoder {
+    /// A body of `n` bytes.
+    pub fn length(n: u64) -> Decoder {
+        if n == 0 {
+            Decoder::Done
+        } else {
+            Decoder::Length(n)
+        }
+    }
+
+    /// A chunked body, before its first size line.
+    pub fn chunked() -> Decoder {
+        Decoder::Chunked(Chunk::Size {
+            size: 0,
+            digits: 0,
+            line: 0,
+        })
+    }
+
+    /// Takes the next piece of the body from the front of `buf`.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, WireError> {
+        match self {
+            Decoder::Done => Ok(Decoded::End),
+            Decoder::Length(left) => {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let n = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                *self = Decoder::length(*left - n as u64);
+                Ok(Decoded::Data(buf.split_to(n).freeze()))
+            }
+            Decoder::UntilClose if buf.is_empty() => Ok(Decoded::NeedMore),
+            Decoder::UntilClose => Ok(Decoded::Data(buf.split().freeze())),
+            Decoder::Chunked(state) => {
+                let (decoded, ended) = chunked(state, buf)?;
+                if ended {
+                    *self = Decoder::Done;
+                }
+                Ok(decoded)
+            }
+        }
+    }
+
+    /// The connection closed with `decode` wanting more: the end of a body that runs to the
+    /// close, an error for any other.
+    pub fn at_close(&mut self) -> Result<(), WireError> {
+        match self {
+            Decoder::UntilClose | Decoder::Done => {
+                *self = Decoder::Done;
+                Ok(())
+            }
+            _ => Err(WireError::Closed),
+        }
+    }
+
+    /// Whether the body has ended.
+    pub fn is_done(&self) -> bool {
+        *self == Decoder::Done
+    }
+
+    /// The body's exact length when it is known.
+    pub fn size_hint(&self) -> SizeHint {
+        match self {
+            Decoder::Length(n) => SizeHint::with_exact(*n),
+            Decoder::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// Decodes chunked framing from the front of `buf`: control bytes are consumed in place, and
+/// the data of a chunk goes out as one slice (or as much of it as has come). Returns whether the
+/// body ended too: after a chunk's last data, the framing that follows it in `buf` is read
+/// ahead, so that the last chunk says it is the last.
+fn chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<(Decoded, bool), WireError> {
+    if let Chunk::Data(left) = state {
+        if buf.is_empty() {
+            return Ok((Decoded::NeedMore, false));
+        }
+        let n = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+        *left -= n as u64;
+        let data = buf.split_to(n).freeze();
+        // A framing error ahead is found again, and reported, by the next call.
+        let ended = *left == 0 && {
+            *state = Chunk::DataCr;
+            control(state, buf).unwrap_or(false)
+        };
+        return Ok((Decoded::Data(data), ended));
+    }
+    if control(state, buf)? {
+        return Ok((Decoded::End, true));
+    }
+    match state {
+        Chunk::Data(_) => chunked(state, buf),
+        _ => Ok((Decoded::NeedMore, false)),
+    }
+}
+
+/// Consumes control bytes from the front of `buf` up to chunk data, the body's end (returns
+/// true) or the buffer's end. On an error, the bytes before the bad one are consumed.
+fn control(state: &mut Chunk, buf: &mut BytesMut) -> Result<bool, WireError> {
+    // The usual framing between two chunks, CRLF then a bare size line, in one step.
+    if *state == Chunk::DataCr && buf.starts_with(b"\r\n") {
+        buf.advance(2);
+        *state = Chunk::Size {
+            size: 0,
+            digits: 0,
+            line: 0,
+        };
+    }
+    if let Some((size, len)) = bare_size_line(*state, buf) {
+        buf.advance(len);
+        *state = match size {
+            0 => Chunk::Trailer { line: 0, total: 0 },
+            n => Chunk::Data(n),
+        };
+        if size != 0 {
+            return Ok(false);
+        }
+    }
+    let mut used = 0;
+    let mut result = Ok(false);
+    for &b in buf.iter() {
+        match step(*state, b) {
+            Ok(Step::Next(next)) => *state = next,
+            Ok(Step::End) => result = Ok(true),
+            Err(e) => result = Err(e),
+        }
+        if result != Ok(false) {
+            break;
+        }
+        used += 1;
+        if matches!(state, Chunk::Data(_)) {
+            break;
+        }
+    }
+    if result == Ok(true) {
+        used += 1;
+    }
+    buf.advance(used);
+    result
+}
+
+/// At the start of a size line, one without extensions that is whole in `buf`: the size and
+/// the line's length with its CRLF. `step` would reach the same state byte by byte.
+fn bare_size_line(state: Chunk, buf: &[u8]) -> Option<(u64, usize)> {
+    let start = Chunk::Size {
+        size: 0,
+        digits: 0,
+        line: 0,
+    };
+    if state != start {
+        return None;
+    }
+    let digits = buf
+        .iter()
+        .take(17)
+        .take_while(|b| b.is_ascii_hexdigit())
+        .count();
+    if digits == 0 || digits > 16 || buf.get(digits..digits + 2) != Some(b"\r\n") {
+        return None;
+    }
+    let size = buf[..digits].iter().fold(0u64, |n, &b| {
+        n << 4 | u64::from((b as char).to_digit(16).unwrap_or_default())
+    });
+    Some((size, digits + 2))
+}
+
+enum Step {
+    Next(Chunk),
+    End,
+}
+
+/// One control byte of chunked framing.
+fn step(state: Chunk, b: u8) -> Result<Step, WireError> {
+    use Chunk::*;
+    let next = match state {
+        Size { size, digits, line } if line < MAX_CHUNK_LINE => match b {
+            b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' if digits < 16 => {
+                let d = (b as char).to_digit(16).unwrap_or_default();
+                Size {
+                    size: size << 4 | u64::from(d),
+                    digits: digits + 1,
+                    line: line + 1,
+                }
+            }
+            b';' | b' ' | b'\t' if digits > 0 => Ext {
+                size,
+                line: line + 1,
+            },
+            b'\r' if digits > 0 => SizeLf(size),
+            _ => return Err(WireError::ChunkSize),
+        },
+        Ext { size, line } if line < MAX_CHUNK_LINE => match b {
+            b'\r' => SizeLf(size),
+            b'\n' => return Err(WireError::ChunkSize),
+            _ => Ext {
+                size,
+                line: line + 1,
+            },
+        },
+        SizeLf(0) if b == b'\n' => Trailer { line: 0, total: 0 },
+        SizeLf(size) if b == b'\n' => Data(size),
+        DataCr if b == b'\r' => DataLf,
+        DataLf if b == b'\n' => Size {
+            size: 0,
+            digits: 0,
+            line: 0,
+        },
+        Trailer { line, total } if total < MAX_TRAILERS => match b {
+            b'\r' => TrailerLf {
+                blank: line == 0,
+                total: total + 1,
+            },
+            b'\n' => return Err(WireError::Trailers),
+            _ => Trailer {
+                line: line + 1,
+                total: total + 1,
+            },
+        },
+        TrailerLf { blank: true, .. } if b == b'\n' => return Ok(Step::End),
+        TrailerLf { total, .. } if b == b'\n' => Trailer { line: 0, total },
+        Size { .. } | Ext { .. } | SizeLf(_) => return Err(WireError::ChunkSize),
+        DataCr | DataLf | Data(_) => return Err(WireError::ChunkEnd),
+        Trailer { .. } | TrailerLf { .. } => return Err(WireError::Trailers),
+    };
+    Ok(Step::Next(next))
+}
+
+#[cfg(test)]
+#[path = "decode_tests.rs"]
+mod tests;
