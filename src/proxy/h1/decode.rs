@@ -233,10 +233,13 @@ fn bare_size_line(state: Chunk, buf: &[u8]) -> Option<(u64, usize)> {
     if digits == 0 || digits > 16 || buf.get(digits..digits + 2) != Some(b"\r\n") {
         return None;
     }
-    let size = buf[..digits].iter().fold(0u64, |n, &b| {
-        n << 4 | u64::from((b as char).to_digit(16).unwrap_or_default())
-    });
+    let size = buf[..digits].iter().fold(0u64, |n, &b| n << 4 | hex(b));
     Some((size, digits + 2))
+}
+
+/// The value of a hex digit (0 for any other byte; callers check first).
+fn hex(b: u8) -> u64 {
+    u64::from(char::from(b).to_digit(16).unwrap_or_default())
 }
 
 enum Step {
@@ -249,14 +252,11 @@ fn step(state: Chunk, b: u8) -> Result<Step, WireError> {
     use Chunk::*;
     let next = match state {
         Size { size, digits, line } if line < MAX_CHUNK_LINE => match b {
-            b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' if digits < 16 => {
-                let d = (b as char).to_digit(16).unwrap_or_default();
-                Size {
-                    size: size << 4 | u64::from(d),
-                    digits: digits + 1,
-                    line: line + 1,
-                }
-            }
+            b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' if digits < 16 => Size {
+                size: size << 4 | hex(b),
+                digits: digits + 1,
+                line: line + 1,
+            },
             b';' | b' ' | b'\t' if digits > 0 => Ext {
                 size,
                 line: line + 1,
