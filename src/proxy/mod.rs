@@ -384,9 +384,11 @@ impl Upstreams {
 }
 
 /// One attempt on an HTTP/1.1 endpoint: on an idle connection if there is one, else on a new
-/// one. A parked connection the backend closed before any of the request was written is
-/// replaced by a new one (the request goes out once); a new connection that fails the same way
-/// is a connect failure.
+/// one. A parked connection that the backend turns out to have closed (nothing of the request
+/// could be written, or the connection ended before a byte of an answer) is replaced by a new
+/// one, and the request goes out once more: a backend that closes an idle connection has not
+/// taken the request in. A new connection that fails before writing is a connect failure; one
+/// that fails after is not retried.
 ///
 /// Not an `async fn`, which would keep the request twice in its future.
 #[allow(clippy::manual_async_fn)] // on purpose: see the doc comment
@@ -419,14 +421,23 @@ fn attempt_h1<'a>(
                         response.map(|body| UpstreamBody::H1(h1::H1Body::new(body, conn, home))),
                     );
                 }
-                Ok(Err(h1::SendError { error: e, unsent })) => match unsent {
-                    Some(unsent) if reused => req = unsent,
-                    unsent => {
+                Ok(Err(h1::SendError {
+                    error: e,
+                    sent,
+                    request,
+                })) => match request {
+                    // A parked connection the backend had closed, before it wrote or answered a
+                    // byte: once more, on a new connection.
+                    Some(again) if reused => {
+                        tracing::debug!(pool = %pool.name, endpoint = %endpoint.label, "parked upstream connection was closed ({e}); sending on a new one");
+                        req = again;
+                    }
+                    _ => {
                         tracing::warn!(pool = %pool.name, endpoint = %endpoint.label, "upstream request failed: {e}");
-                        return if unsent.is_some() {
-                            Attempt::NotSent
-                        } else {
+                        return if sent {
                             Attempt::Failed
+                        } else {
+                            Attempt::NotSent
                         };
                     }
                 },

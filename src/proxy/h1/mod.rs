@@ -17,7 +17,7 @@ pub(crate) mod decode;
 pub(crate) mod wire;
 
 use std::collections::VecDeque;
-use std::io::IoSlice;
+use std::io::{ErrorKind, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -60,12 +60,18 @@ impl std::fmt::Display for H1Error {
 
 impl std::error::Error for H1Error {}
 
-/// A failed exchange. `unsent` is the request when none of it was written, so that it may go
-/// out on another connection.
+/// A failed exchange.
 #[derive(Debug)]
 pub struct SendError {
     pub error: H1Error,
-    pub unsent: Option<Request<ChunksBody>>,
+    /// Whether any of the request was written.
+    pub sent: bool,
+    /// The request back, when the connection gave no answer at all: none of the request was
+    /// written, or the connection was closed or reset before a byte of a response came. On a
+    /// parked connection the latter is a backend that closed it while it lay idle (llama.cpp's
+    /// server closes some connections after a stream without saying so): the request may go
+    /// out again on a new connection.
+    pub request: Option<Request<ChunksBody>>,
 }
 
 /// One open connection, with what was read from it and not yet used.
@@ -90,14 +96,17 @@ impl Conn {
     }
 
     /// Whether the connection may carry another exchange: the last response allowed it and left
-    /// no byte behind, and the backend has neither closed it nor sent anything since. The socket
-    /// is read only when the reactor has seen it become readable; otherwise this costs no
-    /// system call.
+    /// no byte behind, and the backend has neither closed it nor sent anything since, as far as
+    /// the runtime has seen: the socket is read only when the reactor has seen it become
+    /// readable, so this costs no system call. A close the reactor has not seen yet (a backend
+    /// that closes right after its last chunk without saying so, as llama.cpp's server does
+    /// after some streams) shows as a connection that ends before any answer, and the request
+    /// is sent again on a new one ([`SendError::request`]).
     fn reusable(&mut self) -> bool {
         self.keep_alive
             && self.buf.is_empty()
             && matches!(self.io.try_read(&mut [0u8; 1]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                Err(e) if e.kind() == ErrorKind::WouldBlock)
     }
 
     /// Gives the next read room.
@@ -121,15 +130,19 @@ impl Conn {
             Err((error, 0)) => {
                 return Err(SendError {
                     error: H1Error::Io(error),
-                    unsent: Some(req),
+                    sent: false,
+                    request: Some(req),
                 });
             }
             Err((error, _)) => Some(error),
         };
-        drop(req);
-        let fail = |write_failed: Option<std::io::Error>, error| SendError {
-            error: write_failed.map_or(error, H1Error::Io),
-            unsent: None,
+        // Kept until an answer starts: a connection that ends before one gives it back.
+        let mut req = Some(req);
+        let mut answered = false;
+        let mut fail = |error, unanswered: bool| SendError {
+            error,
+            sent: true,
+            request: if unanswered { req.take() } else { None },
         };
         loop {
             match wire::parse_head(&mut self.buf, head_request) {
@@ -138,13 +151,25 @@ impl Conn {
                     return Ok(head.response);
                 }
                 Ok(None) => {}
-                Err(e) => return Err(fail(write_failed, H1Error::Wire(e))),
+                Err(e) => return Err(fail(H1Error::Wire(e), false)),
             }
             self.reserve();
             match self.io.read_buf(&mut self.buf).await {
-                Ok(0) => return Err(fail(write_failed, H1Error::Wire(WireError::Closed))),
-                Ok(_) => {}
-                Err(e) => return Err(fail(write_failed, H1Error::Io(e))),
+                Ok(0) => {
+                    let error = write_failed.map_or(H1Error::Wire(WireError::Closed), H1Error::Io);
+                    return Err(fail(error, !answered));
+                }
+                Ok(_) => answered = true,
+                Err(e) => {
+                    let reset = matches!(
+                        e.kind(),
+                        ErrorKind::ConnectionReset
+                            | ErrorKind::ConnectionAborted
+                            | ErrorKind::BrokenPipe
+                    );
+                    let error = write_failed.map_or(H1Error::Io(e), H1Error::Io);
+                    return Err(fail(error, reset && !answered));
+                }
             }
         }
     }

@@ -241,3 +241,58 @@ async fn an_answer_sent_before_the_body_was_read_is_still_read() {
         "a connection whose request was cut is not reused"
     );
 }
+
+/// A backend that answers the first request on each connection with [`SIZED`] (keep-alive),
+/// then reads the second one whole and closes the connection without answering, as a backend
+/// closing an idle connection just as a request arrives does.
+async fn closes_on_second_request() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                for answer in [true, false] {
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"{}") {
+                        let n = s.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                    if answer {
+                        s.write_all(SIZED.as_bytes()).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_connection_closed_before_any_answer_gives_the_request_back() {
+    let closing = conns(closes_on_second_request().await, 4, Duration::from_secs(30));
+    assert_eq!(exchange(&closing).await, "hello");
+    let mut parked = closing.take().expect("the answered connection is parked");
+    let err = parked.send(request()).await.unwrap_err();
+    assert!(err.sent);
+    assert!(
+        matches!(err.error, H1Error::Wire(WireError::Closed)),
+        "{err:?}"
+    );
+    let again = err
+        .request
+        .expect("nothing was answered: the request comes back");
+    assert_eq!(again.body().rest(), [Bytes::from_static(b"{}")]);
+    // Once an answer has begun, a failure keeps the request: it may have been acted on.
+    let (port, _task) = early_answer("HTTP/1.1 200 OK\r\ncontent-len", 0, Duration::ZERO).await;
+    let mut conn = conns(port, 4, Duration::from_secs(30))
+        .connect()
+        .await
+        .unwrap();
+    let err = conn.send(request()).await.unwrap_err();
+    assert!(err.sent && err.request.is_none(), "{err:?}");
+}
