@@ -17,18 +17,9 @@ async fn backend(answer: &'static str, per_conn: usize) -> (u16, Arc<AtomicUsize
             let (mut s, _) = listener.accept().await.unwrap();
             counter.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
                 for _ in 0..per_conn {
-                    let mut got = Vec::new();
-                    // Requests here carry a 2-byte body after the head.
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"{}") {
-                        let n = s.read(&mut buf).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        got.extend_from_slice(&buf[..n]);
-                    }
-                    if s.write_all(answer.as_bytes()).await.is_err() {
+                    if !read_request(&mut s).await || s.write_all(answer.as_bytes()).await.is_err()
+                    {
                         return;
                     }
                 }
@@ -36,6 +27,21 @@ async fn backend(answer: &'static str, per_conn: usize) -> (u16, Arc<AtomicUsize
         }
     });
     (port, accepted)
+}
+
+/// Reads one request of [`request`]'s shape (its body is the 2 bytes `{}`); false when the
+/// connection closed first.
+async fn read_request(s: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"{}") {
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        if n == 0 {
+            return false;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    true
 }
 
 /// Connections to the test backend on `port`, connecting within a second.
@@ -252,19 +258,9 @@ async fn closes_on_second_request() -> u16 {
         loop {
             let (mut s, _) = listener.accept().await.unwrap();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                for answer in [true, false] {
-                    let mut got = Vec::new();
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"{}") {
-                        let n = s.read(&mut buf).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        got.extend_from_slice(&buf[..n]);
-                    }
-                    if answer {
-                        s.write_all(SIZED.as_bytes()).await.unwrap();
-                    }
+                if read_request(&mut s).await {
+                    s.write_all(SIZED.as_bytes()).await.unwrap();
+                    read_request(&mut s).await;
                 }
             });
         }
