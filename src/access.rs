@@ -89,7 +89,7 @@ impl Drop for Access {
         let total = self.start.elapsed();
         let hot = m::hot();
         hot.requests(class(self.status), self.code).increment(1);
-        hot.request_duration.record(total.as_secs_f64());
+        hot.request_duration.record(total);
         hot.response_bytes.increment(self.bytes);
         if let Some(t) = self.usage_target.take() {
             t.sink.record(&t.deployment, t.key.as_deref(), self.usage);

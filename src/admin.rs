@@ -253,7 +253,7 @@ fn metrics(admin: &Admin) -> Response<Full<Bytes>> {
             .map_or(0, |d| d.as_millis() as u64);
         metrics::gauge!(m::SYNC_LAG).set(now.saturating_sub(ms) as f64 / 1000.0);
     }
-    let mut r = Response::new(Full::new(Bytes::from(admin.metrics.render())));
+    let mut r = Response::new(Full::new(Bytes::from(m::render(&admin.metrics))));
     r.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -1,13 +1,19 @@
 //! Metric names, described once, and the Prometheus recorder.
 //!
 //! Labels are bounded sets only (status class, error code, pool, endpoint, sync result): never a
-//! slug or a key, since a fleet has millions of them.
+//! slug or a key, since a fleet has millions of them. Counters and gauges go through the
+//! `metrics` crate; the histograms recorded per request and per streamed chunk are
+//! [`histogram::Seconds`], rendered on the same page by [`render`].
 
-use std::sync::OnceLock;
+mod histogram;
+
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
-use metrics::{Counter, Histogram, Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics::{Counter, Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub use histogram::{BOUNDS, Seconds};
 
 /// Requests answered, by `class` (`2xx`…`5xx`) and `code` (the edge's error code, or
 /// `upstream` when the backend's own status was passed through).
@@ -65,10 +71,7 @@ pub fn handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
-                .set_buckets(&[
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0, 30.0, 60.0, 120.0,
-                ])
+                .set_buckets(&BOUNDS)
                 .map(PrometheusBuilder::build_recorder);
             match recorder {
                 Ok(recorder) => {
@@ -85,9 +88,9 @@ pub fn handle() -> PrometheusHandle {
         .clone()
 }
 
-/// How often histogram samples are folded into their buckets when nobody scrapes: the recorder
-/// keeps raw samples until then (8 bytes each, one per streamed chunk for the chunk-gap
-/// histogram), so memory holds one interval's samples: at 200,000 chunks a second, 1.6 MB.
+/// How often the recorder's histogram samples are folded into their buckets when nobody scrapes:
+/// it keeps raw samples until then (8 bytes each). Only adapter loads record through it; the
+/// per-request and per-chunk histograms fold as they record ([`Seconds`]).
 pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Folds histogram samples every [`UPKEEP_INTERVAL`] until `shutdown`.
@@ -102,18 +105,26 @@ pub async fn upkeep(handle: PrometheusHandle, shutdown: tokio_util::sync::Cancel
     }
 }
 
+/// The whole `/metrics` page: the recorder's metrics, then the [`Seconds`] histograms.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut page = handle.render();
+    histogram::render(&mut page, |name| match name {
+        REQUEST_DURATION => "Request head to end of response body.",
+        UPSTREAM_TTFB => "Upstream request to response head, every attempt included.",
+        ENDPOINT_TTFB => "Time to the response head, per pool and endpoint.",
+        ENDPOINT_CHUNK_GAP => "Gaps between consecutive body chunks, per pool and endpoint.",
+        _ => "",
+    });
+    page
+}
+
+/// The [`Seconds`] histogram `name` with `labels` (shared by every caller with the same ones).
+pub fn seconds(name: &'static str, labels: &[(&'static str, &str)]) -> Arc<Seconds> {
+    histogram::register(name, labels)
+}
+
 fn describe() {
     describe_counter!(REQUESTS, "Requests answered, by status class and code.");
-    describe_histogram!(
-        REQUEST_DURATION,
-        Unit::Seconds,
-        "Request head to end of response body."
-    );
-    describe_histogram!(
-        UPSTREAM_TTFB,
-        Unit::Seconds,
-        "Upstream request to response head."
-    );
     describe_counter!(
         RESPONSE_BYTES,
         Unit::Bytes,
@@ -157,11 +168,11 @@ fn describe() {
 /// handle is an `Arc` to the same atomic, so recording through it allocates nothing.
 pub struct Hot {
     /// [`REQUEST_DURATION`].
-    pub request_duration: Histogram,
+    pub request_duration: Arc<Seconds>,
     /// [`RESPONSE_BYTES`].
     pub response_bytes: Counter,
     /// [`UPSTREAM_TTFB`].
-    pub upstream_ttfb: Histogram,
+    pub upstream_ttfb: Arc<Seconds>,
     /// [`USAGE_TOKENS`] `kind="prompt"`.
     pub prompt_tokens: Counter,
     /// [`USAGE_TOKENS`] `kind="completion"`.
@@ -188,9 +199,9 @@ pub fn hot() -> &'static Hot {
     HOT.get_or_init(|| {
         let _ = handle();
         Hot {
-            request_duration: metrics::histogram!(REQUEST_DURATION),
+            request_duration: seconds(REQUEST_DURATION, &[]),
             response_bytes: metrics::counter!(RESPONSE_BYTES),
-            upstream_ttfb: metrics::histogram!(UPSTREAM_TTFB),
+            upstream_ttfb: seconds(UPSTREAM_TTFB, &[]),
             prompt_tokens: metrics::counter!(USAGE_TOKENS, "kind" => "prompt"),
             completion_tokens: metrics::counter!(USAGE_TOKENS, "kind" => "completion"),
             requests: DashMap::new(),

@@ -314,9 +314,7 @@ async fn forward(
             pinned,
         )
         .await?;
-    crate::metrics::hot()
-        .upstream_ttfb
-        .record(reply.waited.as_secs_f64());
+    crate::metrics::hot().upstream_ttfb.record(reply.waited);
     access.ttfb = Some(reply.waited);
     access.endpoint = Some(Arc::clone(&reply.endpoint.label));
     Ok(edge.upstreams.client_response(reply, strip_usage))

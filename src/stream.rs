@@ -263,8 +263,7 @@ impl Body for Passthrough {
                     Poll::Ready(Some(Ok(frame))) => {
                         let now = Instant::now();
                         if let Some(e) = this.endpoint.as_ref() {
-                            e.chunk_gap
-                                .record(now.duration_since(*this.last_frame).as_secs_f64());
+                            e.chunk_gap.record(now.duration_since(*this.last_frame));
                         }
                         *this.last_frame = now;
                         let frame = match frame.into_data() {

@@ -53,7 +53,9 @@ async fn health_readiness_and_metrics_need_no_token() {
     assert_eq!(keyed_status(&edge).await, 200);
     let needles = [
         "arkor_edge_requests_total{class=\"2xx\",code=\"ok\"}",
-        "arkor_edge_upstream_ttfb_seconds_bucket",
+        "arkor_edge_upstream_ttfb_seconds_bucket{le=\"120\"}",
+        "# TYPE arkor_edge_request_duration_seconds histogram",
+        "arkor_edge_endpoint_chunk_gap_seconds_count{pool=\"test\",endpoint=\"http://",
         "arkor_edge_state_entries{kind=\"deployments\"} 6",
         "arkor_edge_state_revision 1",
     ];

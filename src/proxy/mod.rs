@@ -79,7 +79,7 @@ pub struct InFlight {
     _balancer: balance::InFlight,
     gauge: metrics::Gauge,
     /// The endpoint's chunk-gap histogram, for the body pass-through.
-    pub chunk_gap: metrics::Histogram,
+    pub chunk_gap: Arc<crate::metrics::Seconds>,
 }
 
 impl InFlight {
@@ -89,7 +89,7 @@ impl InFlight {
         InFlight {
             _balancer: pool.balancer.start(index),
             gauge: m.in_flight.clone(),
-            chunk_gap: m.chunk_gap.clone(),
+            chunk_gap: Arc::clone(&m.chunk_gap),
         }
     }
 }
@@ -190,7 +190,7 @@ impl Upstreams {
                         let answered = Instant::now();
                         let ttfb = answered - sent_at;
                         pool.balancer.observe_latency(index, ttfb, answered);
-                        endpoint.metrics.ttfb.record(ttfb.as_secs_f64());
+                        endpoint.metrics.ttfb.record(ttfb);
                         if response.status().is_server_error() {
                             self.failed(pool, index, answered);
                         } else {

@@ -128,8 +128,8 @@ pub struct EndpointMetrics {
     pub in_flight: metrics::Gauge,
     pub picks: metrics::Counter,
     pub ejections: metrics::Counter,
-    pub ttfb: metrics::Histogram,
-    pub chunk_gap: metrics::Histogram,
+    pub ttfb: Arc<m::Seconds>,
+    pub chunk_gap: Arc<m::Seconds>,
 }
 
 impl EndpointMetrics {
@@ -139,8 +139,11 @@ impl EndpointMetrics {
             in_flight: metrics::gauge!(m::ENDPOINT_IN_FLIGHT, &labels),
             picks: metrics::counter!(m::ENDPOINT_PICKS, &labels),
             ejections: metrics::counter!(m::ENDPOINT_EJECTIONS, &labels),
-            ttfb: metrics::histogram!(m::ENDPOINT_TTFB, &labels),
-            chunk_gap: metrics::histogram!(m::ENDPOINT_CHUNK_GAP, &labels),
+            ttfb: m::seconds(m::ENDPOINT_TTFB, &[("pool", pool), ("endpoint", endpoint)]),
+            chunk_gap: m::seconds(
+                m::ENDPOINT_CHUNK_GAP,
+                &[("pool", pool), ("endpoint", endpoint)],
+            ),
         }
     }
 }
