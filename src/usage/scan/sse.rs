@@ -69,9 +69,7 @@ impl SseUsageScan {
         if frame.is_empty() {
             return out;
         }
-        if self.between_events() && ends_event(&frame) && !may_hold_usage(&frame) {
-            // Whole events, none of which can carry usage (so none is usage-only): the frame
-            // goes out as it came, and the scan is where it was, between events.
+        if self.passes(&frame) {
             out.push(frame);
             return out;
         }
@@ -123,6 +121,14 @@ impl SseUsageScan {
             }
         }
         out
+    }
+
+    /// Whether [`feed`](Self::feed) would send `frame` on as it came and leave the scan where
+    /// it was: the scan stands between events, and the frame is whole events (it ends with a
+    /// blank line), none of which can carry usage (so none is usage-only). The pass-through then
+    /// forwards the frame without feeding it.
+    pub fn passes(&self, frame: &[u8]) -> bool {
+        !frame.is_empty() && self.between_events() && ends_event(frame) && !may_hold_usage(frame)
     }
 
     /// End of stream: whatever is still held (an unterminated event) is released as is.
