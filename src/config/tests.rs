@@ -1,6 +1,7 @@
 //! Config parsing and validation.
 
 use super::*;
+use crate::proxy::pool::Flavor;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
     Config::from_toml(text, PathBuf::from("/etc/arkor"))
