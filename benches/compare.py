@@ -7,11 +7,14 @@ binaries and installs nginx; see BENCHMARKS.md.
 For each phase (non-streamed, streamed) and target: a saturation run (closed loop, C
 connections), then an open-loop run at half of direct's saturated rate. Prints requests/s,
 latency percentiles, the proxy's CPU time per request (utime+stime of its processes during the
-run / requests), its peak RSS, and the ratios to direct and to the bare forwarder.
+run / requests), its peak RSS, and the ratios to direct and to the bare forwarder; for streams,
+the chunks per response the client received; and the load generator's own CPU per request, since
+it shares the cores and a proxy that sends more chunks makes it spend more.
 """
 
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -77,10 +80,17 @@ def loadgen(args, port, stream, secs, conns, rate=None, key=None):
         cmd.append("--stream")
     if rate:
         cmd += ["--rate", f"{rate:.0f}"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if not out.stdout.strip():
         raise SystemExit(f"loadgen failed: {out.stderr}")
-    return json.loads(out.stdout)
+    r = json.loads(out.stdout)
+    # The load generator shares the cores with the targets, so what a target makes it spend
+    # (one body frame per chunk it receives) limits that target's requests/s too.
+    spent = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    r["client_cpu_us_per_req"] = spent * 1e6 / r["requests"] if r["requests"] else None
+    return r
 
 
 def measure(args, target, stream, secs, conns, rate=None):
@@ -101,7 +111,8 @@ def fmt(v, spec):
 def table(title, rows, base):
     print(f"\n{title}")
     print(f"{'target':8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'failed':>7} "
-          f"{'CPU us/req':>11} {'RSS MiB':>8} {'/direct':>8} {'/bare':>7}")
+          f"{'CPU us/req':>11} {'RSS MiB':>8} {'/direct':>8} {'/bare':>7} {'chunks/req':>10} "
+          f"{'client us/req':>13}")
     for name, r in rows:
         lat = r["latency_ms"] or {}
         d, b = base.get("direct"), base.get("bare")
@@ -109,7 +120,9 @@ def table(title, rows, base):
               f"{fmt(lat.get('p99'), '8.3f')} {fmt(lat.get('p99.9'), '9.3f')} {r['failed']:7d} "
               f"{fmt(r['cpu_us_per_req'], '11.1f')} {fmt(r['peak_rss_mib'], '8.1f')} "
               f"{fmt(r['requests_per_s'] / d if d else None, '8.2f')} "
-              f"{fmt(r['requests_per_s'] / b if b else None, '7.2f')}")
+              f"{fmt(r['requests_per_s'] / b if b else None, '7.2f')} "
+              f"{fmt(r['chunks'] / r['requests'] if r['requests'] and r['chunks'] else None, '10.1f')} "
+              f"{fmt(r['client_cpu_us_per_req'], '13.1f')}")
 
 
 def main():
