@@ -120,6 +120,9 @@ pub struct Endpoint {
     pub metrics: EndpointMetrics,
     /// Connections for proxied requests, for an HTTP/1.1 endpoint.
     pub conns: Option<Arc<Conns>>,
+    /// Behind a prefix: the upstream path of every proxied operation, made once (a clone shares
+    /// its bytes; joining them per request would allocate).
+    prefixed: Box<[(&'static str, PathAndQuery)]>,
 }
 
 /// Per-endpoint metric handles.
@@ -183,11 +186,27 @@ impl Endpoint {
             }
             _ => None,
         };
+        let prefixed = match &spec {
+            EndpointSpec::Http { prefix, .. } if !prefix.is_empty() => crate::router::ROUTES
+                .iter()
+                .filter_map(|r| match r.action {
+                    crate::router::Action::Proxy(path) => Some(path),
+                    crate::router::Action::Models => None,
+                })
+                .map(|path| {
+                    PathAndQuery::try_from(format!("{prefix}{path}"))
+                        .map(|joined| (path, joined))
+                        .map_err(|e| e.to_string())
+                })
+                .collect::<Result<_, _>>()?,
+            _ => Box::default(),
+        };
         Ok(Endpoint {
             label: label.into(),
             spec,
             metrics: EndpointMetrics::new(pool, label),
             conns,
+            prefixed,
         })
     }
 
@@ -210,6 +229,8 @@ impl Endpoint {
         };
         if prefix.is_empty() {
             Some(PathAndQuery::from_static(path))
+        } else if let Some((_, joined)) = self.prefixed.iter().find(|(p, _)| *p == path) {
+            Some(joined.clone())
         } else {
             PathAndQuery::try_from(format!("{prefix}{path}")).ok()
         }
@@ -497,9 +518,24 @@ mod tests {
     #[test]
     fn uri_keeps_the_prefix() {
         let p = pool(&["http://h:8000/base"], 0, Flavor::OpenAi);
+        let e = &p.endpoints[0];
         assert_eq!(
-            p.endpoints[0].uri("/v1/chat/completions").unwrap(),
+            e.uri("/v1/chat/completions").unwrap(),
             "http://h:8000/base/v1/chat/completions"
+        );
+        // A proxied operation's path is made once: every request shares its bytes.
+        let (a, b) = (
+            e.path("/v1/chat/completions"),
+            e.path("/v1/chat/completions"),
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a, "/base/v1/chat/completions");
+        assert_eq!(a.as_str().as_ptr(), b.as_str().as_ptr());
+        assert_eq!(e.path("/v1/other").unwrap(), "/base/v1/other");
+        let plain = pool(&["http://h:8000"], 0, Flavor::OpenAi);
+        assert_eq!(
+            plain.endpoints[0].path("/v1/chat/completions").unwrap(),
+            "/v1/chat/completions"
         );
     }
 
