@@ -1,7 +1,7 @@
 # Sourced by the load scripts: the keyed adapter deployment they load, `bench.arkor.app` on base
 # model `bench/model`. Sets $key; `write_bench_deployment DIR` writes DIR/deployments.json and
 # `write_bench_edge_config DIR EDGE_PORT MOCK_PORT` the edge's config for it (plain HTTP, no admin
-# listener, access log off, one pool of the mock backend).
+# listener, access log off, one pool of the mock backend: `bench_pool_toml MOCK_PORT`).
 key="ark_live_benchbenchbenchbenchbench0001"
 write_bench_deployment() {
   local hash
@@ -13,17 +13,26 @@ write_bench_deployment() {
 JSON
 }
 
+# The `[[pools]]` block of the mock backend on port $1, for an edge config.
+bench_pool_toml() {
+  cat <<TOML
+[[pools]]
+name = "bench"
+base_models = ["bench/model"]
+endpoints = ["http://127.0.0.1:$1"]
+TOML
+}
+
 write_bench_edge_config() {
-  cat > "$1/edge.toml" <<TOML
+  {
+    cat <<TOML
 state_dir = "state"
 [log]
 access = false
 [listen]
 http = "127.0.0.1:$2"
 admin = ""
-[[pools]]
-name = "bench"
-base_models = ["bench/model"]
-endpoints = ["http://127.0.0.1:$3"]
 TOML
+    bench_pool_toml "$3"
+  } > "$1/edge.toml"
 }

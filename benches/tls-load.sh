@@ -111,7 +111,8 @@ run() { # OUT COMMAND...: in the background, so that the exit trap can stop it a
 
 . benches/bench-deployment.sh
 write_bench_deployment "$work"
-cat > "$work/edge.toml" <<TOML
+{
+  cat <<TOML
 state_dir = "state"
 [listen]
 http = "127.0.0.1:$http_port"
@@ -126,11 +127,9 @@ max_connections = 20000
 [timeouts]
 client_header = "300s"
 client_idle = "300s"
-[[pools]]
-name = "bench"
-base_models = ["bench/model"]
-endpoints = ["http://127.0.0.1:$mock_port"]
 TOML
+  bench_pool_toml "$mock_port"
+} > "$work/edge.toml"
 body='{"model":"gpt-4o","stream":false,"messages":[{"role":"user","content":"Say hello to the edge router, politely."}]}'
 printf %s "$body" > "$work/body.json"
 cat > "$work/post.lua" <<LUA
