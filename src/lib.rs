@@ -268,6 +268,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         client_idle: t.client_idle,
         handshake_timeout: config.tls.handshake_timeout,
         shutdown_grace: t.shutdown_grace,
+        warm: server::Warm::new(config.limits.warm_connections),
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());

@@ -1,6 +1,8 @@
 //! Idle HTTP/1.1 keep-alive connections are parked (no buffers held) and served again when the
 //! client speaks; the idle timeout, a client's close and a request arriving in pieces all work
-//! across parking. One test in its own binary, so the parked-connections gauge is this edge's.
+//! across parking; within `limits.warm_connections`, an idle connection that has carried more
+//! than one request keeps its buffers for a second first. One test in its own binary, so the
+//! parked-connections gauge is this edge's.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed unwrap is a failed test
 
@@ -16,8 +18,11 @@ use tokio::net::TcpStream;
 
 const MODELS: &[u8] = b"GET /v1/models HTTP/1.1\r\nhost: open.arkor.app\r\n\r\n";
 
-/// Longer than the edge's parking delay plus its timer's slack.
+/// Longer than the edge's short parking delay (10 ms) plus its timer's slack.
 const PARKED_BY: Duration = Duration::from_millis(700);
+
+/// Longer than the edge's parking delay for warm connections (1 s) plus its timer's slack.
+const WARM_PARKED_BY: Duration = Duration::from_millis(1800);
 
 /// A raw HTTP/1.1 client connection that reads responses one at a time.
 struct Raw {
@@ -89,7 +94,52 @@ async fn parked(edge: &TestEdge) -> f64 {
 #[tokio::test]
 async fn idle_connections_are_parked_and_served_again() {
     let backend = Backend::start().await;
-    let edge = TestEdge::start(&[backend.url()], "[timeouts]\nclient_idle = \"2s\"\n").await;
+
+    // One warm connection. A connection with one request is parked after 10 ms; once it has
+    // carried a second, it keeps its buffers for a second. Another, over the budget, is parked
+    // after 10 ms. Parked and closed connections leave the budget: a third is warm again, then
+    // parked after its second.
+    let edge = TestEdge::start(&[backend.url()], "[limits]\nwarm_connections = 1\n").await;
+    let mut first = Raw::connect(&edge).await;
+    first.send(MODELS).await;
+    assert_eq!(first.response().await, "http/1.1 200 ok");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(parked(&edge).await, 1.0);
+    first.send(MODELS).await;
+    assert_eq!(first.response().await, "http/1.1 200 ok");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(parked(&edge).await, 0.0);
+    let mut over = Raw::connect(&edge).await;
+    for _ in 0..2 {
+        over.send(MODELS).await;
+        assert_eq!(over.response().await, "http/1.1 200 ok");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(parked(&edge).await, 1.0);
+    drop(first);
+    let mut third = Raw::connect(&edge).await;
+    for _ in 0..2 {
+        third.send(MODELS).await;
+        assert_eq!(third.response().await, "http/1.1 200 ok");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(parked(&edge).await, 1.0);
+    tokio::time::sleep(WARM_PARKED_BY).await;
+    assert_eq!(parked(&edge).await, 2.0);
+    third.send(MODELS).await;
+    assert_eq!(third.response().await, "http/1.1 200 ok");
+    assert_eq!(parked(&edge).await, 1.0);
+    drop((third, over));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(parked(&edge).await, 0.0);
+    edge.stop().await;
+
+    // No warm connections: idle ones are parked after 10 ms.
+    let edge = TestEdge::start(
+        &[backend.url()],
+        "[limits]\nwarm_connections = 0\n[timeouts]\nclient_idle = \"2s\"\n",
+    )
+    .await;
     let mut s = Raw::connect(&edge).await;
     s.send(MODELS).await;
     assert_eq!(s.response().await, "http/1.1 200 ok");

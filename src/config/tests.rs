@@ -136,6 +136,7 @@ base_models = ["m"]
 endpoints = []
 [limits]
 max_header_bytes = 10
+warm_connections = 1000001
 [timeouts]
 upstream_connect = "0s"
 "#,
@@ -152,11 +153,12 @@ upstream_connect = "0s"
         "pools[1].base_models",
         "pools[1].endpoints",
         "limits.max_header_bytes",
+        "limits.warm_connections",
         "timeouts.upstream_connect",
     ] {
         assert!(all.contains(needle), "missing {needle} in:\n{all}");
     }
-    assert_eq!(e.0.len(), 10, "{all}");
+    assert_eq!(e.0.len(), 11, "{all}");
 }
 
 #[test]

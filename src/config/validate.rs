@@ -101,6 +101,9 @@ impl Config {
         if !(1..=1_000_000).contains(&l.max_connections) {
             problems.push("limits.max_connections: must be between 1 and 1000000".to_owned());
         }
+        if l.warm_connections > 1_000_000 {
+            problems.push("limits.warm_connections: must be at most 1000000".to_owned());
+        }
         positive(
             &mut problems,
             "limits.auth_failure_window",

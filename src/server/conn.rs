@@ -2,14 +2,22 @@
 //!
 //! The protocol is told by ALPN, or else by the first bytes (HTTP/2's preface). An HTTP/2
 //! connection is one hyper connection for its life. An HTTP/1.1 connection is served by a hyper
-//! connection only while it is in use: once it has had no request in flight for
-//! [`PARK_AFTER`], the hyper connection is ended (it is idle, so nothing is cut) and the socket
-//! is parked: it waits for the client's next bytes holding no buffer, and a new hyper connection
-//! picks them up. hyper keeps about 16 KiB of buffers per connection; a parked one costs the
-//! edge its task (under 3 KiB) and its socket. nginx frees an idle keep-alive connection's
-//! buffers the same way. A head half read when the connection is parked is read again by the
-//! next hyper connection, and parking then waits for a request to start, so the header timeout
-//! still bounds a slow client.
+//! connection only while it is in use: once it has had no request in flight for a while, the
+//! hyper connection is ended (it is idle, so nothing is cut) and the socket is parked: it waits
+//! for the client's next bytes holding no buffer, and a new hyper connection picks them up.
+//! hyper keeps about 16 KiB of buffers per connection; a parked one costs the edge its task
+//! (under 3 KiB) and its socket. nginx frees an idle keep-alive connection's buffers the same
+//! way. A head half read when the connection is parked is read again by the next hyper
+//! connection, and parking then waits for a request to start, so the header timeout still
+//! bounds a slow client.
+//!
+//! How long "a while" is trades memory for CPU: parking and waking again cost CPU and two more
+//! wake-ups, which a client with a request every few milliseconds would pay on each one. So a
+//! connection that has carried more than one request keeps its hyper connection for
+//! [`PARK_AFTER_WARM`] while at most `limits.warm_connections` HTTP/1.1 connections hold one
+//! ([`Warm`]); beyond that many, and on a connection that has carried one request only (most
+//! never carry another: a one-off `curl`, a client's spare pooled connection), idle ones are
+//! parked after [`PARK_AFTER`].
 //!
 //! A connection closes gracefully on shutdown, or once it has had no request in flight for
 //! `timeouts.client_idle`; it is dropped when the shutdown grace is over.
@@ -18,6 +26,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -36,11 +45,61 @@ use super::io::{ClientStream, Rewind, sniff_h2};
 use crate::router::{self, ConnInfo, Edge};
 use crate::stream::EdgeBody;
 
-/// How long an HTTP/1.1 connection keeps its hyper connection after its last request: long
-/// enough that a client sending requests back to back keeps it (rebuilding one costs a few
-/// microseconds of CPU), short enough that a burst of clients that then go idle never holds
-/// many buffers at once (the allocator keeps the high-water mark).
+/// How long an idle HTTP/1.1 connection keeps its hyper connection when it is not warm: long
+/// enough that a client sending requests back to back keeps it, short enough that a burst of
+/// clients that then go idle never holds many buffers at once (the allocator keeps the
+/// high-water mark).
 pub const PARK_AFTER: Duration = Duration::from_millis(10);
+
+/// How long an idle HTTP/1.1 connection that has carried more than one request keeps its hyper
+/// connection while at most `limits.warm_connections` hold one: a client with a request every
+/// few hundred milliseconds (an agent's loop, a batch) is not parked and woken again for each.
+pub const PARK_AFTER_WARM: Duration = Duration::from_secs(1);
+
+/// The HTTP/1.1 connections of the data listeners that hold a hyper connection now (busy or
+/// idle), and how many may before idle ones are parked after [`PARK_AFTER`] rather than
+/// [`PARK_AFTER_WARM`]. So idle connections that keep their buffers number about `limit` at
+/// most, each for a second at most.
+#[derive(Debug)]
+pub struct Warm {
+    live: AtomicUsize,
+    limit: usize,
+}
+
+impl Warm {
+    /// A budget of `limit` connections (`limits.warm_connections`).
+    pub fn new(limit: usize) -> Arc<Warm> {
+        Arc::new(Warm {
+            live: AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    /// Counts one more hyper connection until the guard is dropped.
+    fn hold(&self) -> Held<'_> {
+        self.live.fetch_add(1, Ordering::Relaxed);
+        Held(self)
+    }
+
+    /// How long an idle connection that has carried `requests` may keep its hyper connection,
+    /// given how many hold one now.
+    fn park_after(&self, requests: u64) -> Duration {
+        if requests > 1 && self.live.load(Ordering::Relaxed) <= self.limit {
+            PARK_AFTER_WARM
+        } else {
+            PARK_AFTER
+        }
+    }
+}
+
+/// One hyper connection counted in [`Warm`].
+struct Held<'a>(&'a Warm);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// How long a connection that is closing may take to flush its last bytes.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -53,6 +112,8 @@ pub struct Builders {
     pub client_header: Duration,
     /// Connections parked now.
     pub parked: metrics::Gauge,
+    /// Connections holding a hyper connection now, shared by the data listeners.
+    pub warm: Arc<Warm>,
 }
 
 /// One accepted connection, its slot held until it ends.
@@ -71,7 +132,7 @@ pub struct Conn {
 enum Ending {
     /// It has not been.
     No,
-    /// It has been idle for `PARK_AFTER`: park the socket.
+    /// It has been idle long enough (`Warm::park_after`): park the socket.
     Park,
     /// Shutdown, or idle for `client_idle`: close.
     Close,
@@ -178,12 +239,14 @@ impl Conn {
                     .h1
                     .serve_connection(TokioIo::new(stream), service.clone()),
             );
+            let held = self.builders.warm.hold();
             let Some((ending, result)) =
                 Box::pin(self.drive_h1(&mut conn, activity, no_park_before)).await
             else {
                 return;
             };
             let parts = conn.into_parts();
+            drop(held);
             let (inner, unread) = parts.io.into_inner().into_parts();
             let mut unread_buf = parts.read_buf;
             if unread.is_empty() {
@@ -222,8 +285,9 @@ impl Conn {
 
     /// Drives one hyper HTTP/1.1 connection until it ends: by itself (the client closed, or
     /// asked to), or because it was asked to end for shutdown, for `client_idle`, or for
-    /// parking (not before request number `no_park_before` + 1 started, when given). Returns how
-    /// it was asked to end and how it ended; `None` when the shutdown grace ran out.
+    /// parking (once idle for `Warm::park_after`; when `no_park_before` is given, only once more
+    /// requests than that have started). Returns how it was asked to end and how it ended;
+    /// `None` when the shutdown grace ran out.
     async fn drive_h1<I>(
         &self,
         conn: &mut http1::Connection<I, Handler>,
@@ -239,13 +303,14 @@ impl Conn {
         let mut shutting_down = false;
         // Requests ended when the timer was last armed for the connection's idleness.
         let mut seen_ended = activity.ended();
-        let timer = tokio::time::sleep(PARK_AFTER);
+        let warm = &self.builders.warm;
+        let timer = tokio::time::sleep(warm.park_after(activity.started()));
         let mut timer = std::pin::pin!(timer);
         loop {
             // Ready when the connection ended (`Some`), or when it just went idle: a request
             // ended since the timer was last armed and none is in flight (`None`). Requests
             // start and end inside this poll, so the timer is looked at once per idle spell,
-            // and wakes a connection at most once per PARK_AFTER while requests keep coming.
+            // and wakes a connection at most once per parking delay while requests keep coming.
             let event = std::future::poll_fn(|cx| match conn.poll_without_shutdown(cx) {
                 Poll::Ready(result) => Poll::Ready(Some(result)),
                 Poll::Pending if !activity.busy() && activity.ended() != seen_ended => {
@@ -258,11 +323,13 @@ impl Conn {
                     Some(result) => return Some((ending, result)),
                     None => {
                         seen_ended = activity.ended();
-                        // Parking is due PARK_AFTER after the request ended. A timer already
-                        // due by then stays: it finds the connection idle for less and waits
-                        // the rest, so a busy keep-alive connection moves its timer about once
-                        // per PARK_AFTER rather than once per request.
-                        let due = activity.idle_since().map(|since| since + PARK_AFTER);
+                        // Parking is due a parking delay after the request ended. A timer
+                        // already due by then stays: it finds the connection idle for less and
+                        // waits the rest, so a busy keep-alive connection moves its timer about
+                        // once per delay rather than once per request.
+                        let due = activity
+                            .idle_since()
+                            .map(|since| since + warm.park_after(activity.started()));
                         if let (Some(due), Ending::No) = (due, ending) {
                             if timer.deadline() > due {
                                 timer.as_mut().reset(due);
@@ -280,6 +347,7 @@ impl Conn {
                 }
                 _ = timer.as_mut(), if ending == Ending::No => {
                     let parkable = no_park_before.is_none_or(|n| activity.started() > n);
+                    let park_after = warm.park_after(activity.started());
                     let now = Instant::now();
                     match activity.idle_for() {
                         // Re-armed when the request ends.
@@ -288,11 +356,11 @@ impl Conn {
                             ending = Ending::Close;
                             Pin::new(&mut *conn).graceful_shutdown();
                         }
-                        Some(idle) if idle >= PARK_AFTER && parkable => {
+                        Some(idle) if idle >= park_after && parkable => {
                             ending = Ending::Park;
                             Pin::new(&mut *conn).graceful_shutdown();
                         }
-                        Some(idle) if parkable => timer.as_mut().reset(now + (PARK_AFTER - idle)),
+                        Some(idle) if parkable => timer.as_mut().reset(now + (park_after - idle)),
                         Some(idle) => timer.as_mut().reset(now + (self.client_idle - idle)),
                     }
                 }

@@ -21,8 +21,8 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-pub use conn::PARK_AFTER;
 use conn::{Builders, Conn};
+pub use conn::{PARK_AFTER, PARK_AFTER_WARM, Warm};
 
 use crate::router::Edge;
 use crate::tls::normalise_sni;
@@ -45,6 +45,8 @@ pub struct ServerLimits {
     pub client_idle: Duration,
     pub handshake_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// HTTP/1.1 connections holding buffers, counted across the data listeners.
+    pub warm: Arc<Warm>,
 }
 
 /// Serves `listener` (plain, or TLS when `tls` is given) until `shutdown`, then lets open
@@ -151,6 +153,7 @@ fn builders(limits: &ServerLimits) -> Builders {
         h2,
         client_header: limits.client_header,
         parked: metrics::gauge!(crate::metrics::PARKED_CONNECTIONS),
+        warm: Arc::clone(&limits.warm),
     }
 }
 

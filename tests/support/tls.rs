@@ -104,12 +104,14 @@ pub async fn start_tls_edge(
     let ca = TestCa::new();
     let wildcard = ca.issue(dir.path(), "wildcard", &["*.arkor.app"]);
     let special = ca.issue(dir.path(), "special", &["special.arkor.app"]);
+    // Idle connections are parked after 10 ms, so the TLS tests cross parking.
     let toml = super::config_toml(
         endpoints,
         "",
         "file = \"deployments.json\"",
         "[tls]\ncerts = [{ cert = \"wildcard.pem\", key = \"wildcard.key\" }, \
-         { cert = \"special.pem\", key = \"special.key\" }]\nreload_interval = \"50ms\"\n",
+         { cert = \"special.pem\", key = \"special.key\" }]\nreload_interval = \"50ms\"\n\
+         [limits]\nwarm_connections = 0\n",
     )
     .replace(
         "admin = \"127.0.0.1:0\"",
