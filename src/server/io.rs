@@ -37,7 +37,9 @@ impl ClientStream for TcpStream {
     }
 }
 
-impl ClientStream for TlsStream<TcpStream> {
+/// Boxed: a TLS stream is 1.2 KB, and a connection's task would keep room for it in several of
+/// its states.
+impl ClientStream for Box<TlsStream<TcpStream>> {
     fn alpn_h2(&self) -> Option<bool> {
         self.get_ref().1.alpn_protocol().map(|p| p == b"h2")
     }

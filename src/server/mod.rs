@@ -9,16 +9,18 @@
 mod conn;
 mod io;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use conn::{Builders, Conn};
@@ -104,13 +106,12 @@ pub async fn serve(
                 let acceptor = acceptor.clone();
                 let timeout = limits.handshake_timeout;
                 tokio::spawn(async move {
-                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let sni = tls.get_ref().1.server_name().map(normalise_sni);
-                            conn.serve(tls, sni.map(Arc::from)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, "tls handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+                    // The handshake's state is boxed, and so is the stream after it: the task
+                    // then keeps room for neither while the connection lives (a TLS stream is
+                    // 1.2 KB; the task measured 12.7 KB unboxed, 3.0 KB boxed, 2.7 KB plain).
+                    let handshake = Box::pin(handshake(&acceptor, stream, timeout, peer));
+                    if let Some((tls, sni)) = handshake.await {
+                        conn.serve(tls, sni).await;
                     }
                 });
             }
@@ -123,6 +124,30 @@ pub async fn serve(
         _ = tokio::time::sleep(limits.shutdown_grace) => {
             tracing::warn!("shutdown grace elapsed, closing the connections still open");
             force.cancel();
+        }
+    }
+}
+
+/// The TLS handshake of an accepted connection, within `timeout`: the stream and its SNI
+/// (normalised), or `None` when it failed or took too long.
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    timeout: Duration,
+    peer: SocketAddr,
+) -> Option<(Box<TlsStream<TcpStream>>, Option<Arc<str>>)> {
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let sni = tls.get_ref().1.server_name().map(normalise_sni);
+            Some((Box::new(tls), sni.map(Arc::from)))
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "tls handshake failed: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "tls handshake timed out");
+            None
         }
     }
 }
