@@ -180,4 +180,17 @@ async fn idle_connections_are_parked_and_served_again() {
     );
     assert_eq!(parked(&edge).await, 0.0);
     edge.stop().await;
+
+    // A client_idle shorter than the warm delay still closes a warm connection in time.
+    let edge = TestEdge::start(&[backend.url()], "[timeouts]\nclient_idle = \"300ms\"\n").await;
+    let mut s = Raw::connect(&edge).await;
+    for _ in 0..2 {
+        s.send(MODELS).await;
+        assert_eq!(s.response().await, "http/1.1 200 ok");
+    }
+    assert!(
+        s.closed_within(Duration::from_millis(800)).await,
+        "a warm connection was kept past client_idle"
+    );
+    edge.stop().await;
 }

@@ -303,8 +303,12 @@ impl Conn {
         let mut shutting_down = false;
         // Requests ended when the timer was last armed for the connection's idleness.
         let mut seen_ended = activity.ended();
-        let warm = &self.builders.warm;
-        let timer = tokio::time::sleep(warm.park_after(activity.started()));
+        // Not past `client_idle`, which the same timer enforces.
+        let park_after = || {
+            let warm = &self.builders.warm;
+            warm.park_after(activity.started()).min(self.client_idle)
+        };
+        let timer = tokio::time::sleep(park_after());
         let mut timer = std::pin::pin!(timer);
         loop {
             // Ready when the connection ended (`Some`), or when it just went idle: a request
@@ -329,7 +333,7 @@ impl Conn {
                         // once per delay rather than once per request.
                         let due = activity
                             .idle_since()
-                            .map(|since| since + warm.park_after(activity.started()));
+                            .map(|since| since + park_after());
                         if let (Some(due), Ending::No) = (due, ending) {
                             if timer.deadline() > due {
                                 timer.as_mut().reset(due);
@@ -347,7 +351,7 @@ impl Conn {
                 }
                 _ = timer.as_mut(), if ending == Ending::No => {
                     let parkable = no_park_before.is_none_or(|n| activity.started() > n);
-                    let park_after = warm.park_after(activity.started());
+                    let park_after = park_after();
                     let now = Instant::now();
                     match activity.idle_for() {
                         // Re-armed when the request ends.
