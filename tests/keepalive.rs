@@ -52,6 +52,20 @@ impl Raw {
         self.got.extend_from_slice(&buf[..n]);
     }
 
+    /// Sends `GET /v1/models` and reads its 200 response.
+    async fn models_ok(&mut self) {
+        self.send(MODELS).await;
+        assert_eq!(self.response().await, "http/1.1 200 ok");
+    }
+
+    /// A connection that has carried two requests (a reused one, which may stay warm).
+    async fn reused(edge: &TestEdge) -> Raw {
+        let mut s = Raw::connect(edge).await;
+        s.models_ok().await;
+        s.models_ok().await;
+        s
+    }
+
     /// Reads one response (head and a `content-length` body); returns its status line.
     async fn response(&mut self) -> String {
         let head_end = loop {
@@ -101,33 +115,22 @@ async fn idle_connections_are_parked_and_served_again() {
     // parked after its second.
     let edge = TestEdge::start(&[backend.url()], "[limits]\nwarm_connections = 1\n").await;
     let mut first = Raw::connect(&edge).await;
-    first.send(MODELS).await;
-    assert_eq!(first.response().await, "http/1.1 200 ok");
+    first.models_ok().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(parked(&edge).await, 1.0);
-    first.send(MODELS).await;
-    assert_eq!(first.response().await, "http/1.1 200 ok");
+    first.models_ok().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(parked(&edge).await, 0.0);
-    let mut over = Raw::connect(&edge).await;
-    for _ in 0..2 {
-        over.send(MODELS).await;
-        assert_eq!(over.response().await, "http/1.1 200 ok");
-    }
+    let over = Raw::reused(&edge).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(parked(&edge).await, 1.0);
     drop(first);
-    let mut third = Raw::connect(&edge).await;
-    for _ in 0..2 {
-        third.send(MODELS).await;
-        assert_eq!(third.response().await, "http/1.1 200 ok");
-    }
+    let mut third = Raw::reused(&edge).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(parked(&edge).await, 1.0);
     tokio::time::sleep(WARM_PARKED_BY).await;
     assert_eq!(parked(&edge).await, 2.0);
-    third.send(MODELS).await;
-    assert_eq!(third.response().await, "http/1.1 200 ok");
+    third.models_ok().await;
     assert_eq!(parked(&edge).await, 1.0);
     drop((third, over));
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -141,14 +144,12 @@ async fn idle_connections_are_parked_and_served_again() {
     )
     .await;
     let mut s = Raw::connect(&edge).await;
-    s.send(MODELS).await;
-    assert_eq!(s.response().await, "http/1.1 200 ok");
+    s.models_ok().await;
 
     // Idle: parked, and the next request on the same socket is served.
     tokio::time::sleep(PARKED_BY).await;
     assert_eq!(parked(&edge).await, 1.0);
-    s.send(MODELS).await;
-    assert_eq!(s.response().await, "http/1.1 200 ok");
+    s.models_ok().await;
     assert_eq!(parked(&edge).await, 0.0);
 
     // A head that is half sent when the connection parks is completed and served.
@@ -165,8 +166,7 @@ async fn idle_connections_are_parked_and_served_again() {
 
     // A client closing a parked connection ends it.
     let mut other = Raw::connect(&edge).await;
-    other.send(MODELS).await;
-    assert_eq!(other.response().await, "http/1.1 200 ok");
+    other.models_ok().await;
     tokio::time::sleep(PARKED_BY).await;
     assert_eq!(parked(&edge).await, 2.0);
     drop(other);
@@ -183,11 +183,7 @@ async fn idle_connections_are_parked_and_served_again() {
 
     // A client_idle shorter than the warm delay still closes a warm connection in time.
     let edge = TestEdge::start(&[backend.url()], "[timeouts]\nclient_idle = \"300ms\"\n").await;
-    let mut s = Raw::connect(&edge).await;
-    for _ in 0..2 {
-        s.send(MODELS).await;
-        assert_eq!(s.response().await, "http/1.1 200 ok");
-    }
+    let mut s = Raw::reused(&edge).await;
     assert!(
         s.closed_within(Duration::from_millis(800)).await,
         "a warm connection was kept past client_idle"
