@@ -123,8 +123,9 @@ pub fn check(data: &[u8]) -> Outcome {
 fn read(total: usize, pieces: &[&[u8]], head_request: bool) -> Result<Summary, String> {
     let mut buf = BytesMut::new();
     let mut next = pieces.iter();
+    let mut interim = 0;
     let head = loop {
-        match parse_head(&mut buf, head_request) {
+        match parse_head(&mut buf, head_request, &mut interim) {
             Ok(Some(head)) => break head,
             Ok(None) => match next.next() {
                 Some(p) => buf.extend_from_slice(p),

@@ -144,8 +144,9 @@ impl Conn {
             sent: true,
             request: if unanswered { req.take() } else { None },
         };
+        let mut interim = 0;
         loop {
-            match wire::parse_head(&mut self.buf, head_request) {
+            match wire::parse_head(&mut self.buf, head_request, &mut interim) {
                 Ok(Some(head)) => {
                     self.keep_alive = head.keep_alive && write_failed.is_none();
                     return Ok(head.response);

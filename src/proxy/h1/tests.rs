@@ -292,3 +292,54 @@ async fn a_connection_closed_before_any_answer_gives_the_request_back() {
     let err = conn.send(request()).await.unwrap_err();
     assert!(err.sent && err.request.is_none(), "{err:?}");
 }
+
+#[tokio::test]
+async fn interim_responses_past_the_bound_fail_the_exchange() {
+    // MAX_INTERIM of them, then the answer: read through.
+    const EIGHT: &str = concat!(
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
+    );
+    const NINE: &str = concat!(
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
+    );
+    assert_eq!(super::wire::MAX_INTERIM, 8);
+    assert_eq!(
+        exchange(&conns(
+            backend(EIGHT, 1).await.0,
+            4,
+            Duration::from_secs(30)
+        ))
+        .await,
+        "hello"
+    );
+    let nine = conns(backend(NINE, 1).await.0, 4, Duration::from_secs(30));
+    let err = nine
+        .connect()
+        .await
+        .unwrap()
+        .send(request())
+        .await
+        .unwrap_err();
+    assert!(err.sent);
+    assert!(
+        matches!(err.error, H1Error::Wire(WireError::Interim)),
+        "{err:?}"
+    );
+}

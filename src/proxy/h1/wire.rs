@@ -26,6 +26,8 @@ pub enum WireError {
     HeadTooLarge,
     /// A `101 Switching Protocols`, never asked for.
     Upgrade,
+    /// More than [`MAX_INTERIM`] interim (1xx) responses before the final one.
+    Interim,
     /// `Content-Length` is not one decimal number.
     ContentLength,
     /// A chunk-size line is malformed or too long.
@@ -44,6 +46,7 @@ impl fmt::Display for WireError {
             WireError::Head(e) => write!(f, "malformed response head: {e}"),
             WireError::HeadTooLarge => write!(f, "response head larger than {MAX_HEAD} bytes"),
             WireError::Upgrade => f.write_str("unrequested protocol switch"),
+            WireError::Interim => write!(f, "more than {MAX_INTERIM} interim (1xx) responses"),
             WireError::ContentLength => f.write_str("invalid content-length"),
             WireError::ChunkSize => f.write_str("malformed chunk size line"),
             WireError::ChunkEnd => f.write_str("chunk data not followed by CRLF"),
@@ -79,10 +82,20 @@ pub struct Head {
     pub keep_alive: bool,
 }
 
+/// Interim (1xx) responses accepted before a final one: a backend may send `100 Continue` and
+/// a few `103 Early Hints`; one that keeps sending them would hold the request until
+/// `timeouts.upstream_first_byte` while the edge parses them.
+pub const MAX_INTERIM: u32 = 8;
+
 /// Parses the response head at the front of `buf` and removes it; `Ok(None)` while it is
-/// incomplete. Interim (1xx) responses before it are removed and skipped. `head_request`: the
-/// request was a HEAD, so no body follows whatever the head says.
-pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, WireError> {
+/// incomplete. Interim (1xx) responses before it are removed and skipped, counted in `interim`
+/// (the request's count across calls; more than [`MAX_INTERIM`] is an error). `head_request`:
+/// the request was a HEAD, so no body follows whatever the head says.
+pub fn parse_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    interim: &mut u32,
+) -> Result<Option<Head>, WireError> {
     loop {
         // Where each name and value lies in `buf`, so they can be sliced once it is frozen
         // (offsets below MAX_HEAD fit in u32; the array is zeroed per parse, so it is kept small).
@@ -117,6 +130,10 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
             return Err(WireError::Upgrade);
         }
         if (100..200).contains(&code) {
+            *interim += 1;
+            if *interim > MAX_INTERIM {
+                return Err(WireError::Interim);
+            }
             buf.advance(len);
             continue;
         }

@@ -2,7 +2,7 @@ use super::*;
 use crate::proxy::h1::decode::Decoder;
 
 fn head(text: &str) -> Result<Option<Head>, WireError> {
-    parse_head(&mut BytesMut::from(text), false)
+    parse_head(&mut BytesMut::from(text), false, &mut 0)
 }
 
 fn complete(text: &str) -> Head {
@@ -35,11 +35,14 @@ fn response_head_parses_once_whole_and_leaves_the_body() {
     let head_len = text.len() - 5;
     for cut in 0..head_len {
         let mut buf = BytesMut::from(&text[..cut]);
-        assert!(parse_head(&mut buf, false).unwrap().is_none(), "cut {cut}");
+        assert!(
+            parse_head(&mut buf, false, &mut 0).unwrap().is_none(),
+            "cut {cut}"
+        );
         assert_eq!(buf.len(), cut, "nothing consumed before the head is whole");
     }
     let mut buf = BytesMut::from(text);
-    let head = parse_head(&mut buf, false).unwrap().unwrap();
+    let head = parse_head(&mut buf, false, &mut 0).unwrap().unwrap();
     assert_eq!(&buf[..], b"hello");
     let r = &head.response;
     assert_eq!(r.status(), StatusCode::CREATED);
@@ -60,11 +63,36 @@ fn interim_responses_are_skipped_and_upgrades_refused() {
     assert_eq!(*h.response.body(), Decoder::Done);
     // An interim response whole and the final one not yet: the interim one is consumed.
     let mut buf = BytesMut::from("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 2");
-    assert!(parse_head(&mut buf, false).unwrap().is_none());
+    assert!(parse_head(&mut buf, false, &mut 0).unwrap().is_none());
     assert_eq!(&buf[..], b"HTTP/1.1 2");
     assert_eq!(
         head("HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n").unwrap_err(),
         WireError::Upgrade
+    );
+}
+
+#[test]
+fn interim_responses_are_bounded_per_request_across_reads() {
+    const CONTINUE: &str = "HTTP/1.1 100 Continue\r\n\r\n";
+    const OK: &str = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    let max = MAX_INTERIM as usize;
+    assert!(head(&(CONTINUE.repeat(max) + OK)).unwrap().is_some());
+    assert_eq!(
+        head(&(CONTINUE.repeat(max + 1) + OK)).unwrap_err(),
+        WireError::Interim
+    );
+    // Counted across calls: each read brings a few, and the count carries over.
+    let mut interim = 0;
+    let mut buf = BytesMut::new();
+    for _ in 0..max / 2 {
+        buf.extend_from_slice(CONTINUE.repeat(2).as_bytes());
+        assert!(parse_head(&mut buf, false, &mut interim).unwrap().is_none());
+    }
+    assert_eq!(interim, MAX_INTERIM);
+    buf.extend_from_slice(CONTINUE.as_bytes());
+    assert_eq!(
+        parse_head(&mut buf, false, &mut interim).unwrap_err(),
+        WireError::Interim
     );
 }
 
@@ -139,7 +167,7 @@ fn framing_follows_rfc_9112() {
         assert_eq!(*h.response.body(), Decoder::Done);
     }
     let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
-    let h = parse_head(&mut buf, true).unwrap().unwrap();
+    let h = parse_head(&mut buf, true, &mut 0).unwrap().unwrap();
     assert_eq!((*h.response.body(), h.keep_alive), (Decoder::Done, true));
 }
 
