@@ -26,7 +26,7 @@ pub enum WireError {
     HeadTooLarge,
     /// A `101 Switching Protocols`, never asked for.
     Upgrade,
-    /// More than [`MAX_INTERIM`] interim (1xx) responses before the final one.
+    /// More than `MAX_INTERIM` interim (1xx) responses before the final one.
     Interim,
     /// `Content-Length` is not one decimal number.
     ContentLength,
