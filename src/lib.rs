@@ -102,9 +102,11 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     tasks.spawn(metrics::upkeep(metrics.clone(), shutdown.clone()));
+    let workers = config.workers();
     let pools = Arc::new(Pools::from_config(
         &config.pools,
         config.timeouts.upstream_connect,
+        workers,
     )?);
     for pool in pools.all() {
         tasks.spawn(proxy::h1::sweep(Arc::clone(pool), shutdown.clone()));
@@ -190,19 +192,25 @@ pub async fn start(config: Config) -> Result<Running, String> {
         persister.await;
     });
 
-    let http = match config.http_addr() {
-        Some(addr) => Some(bind("listen.http", addr).await?),
-        None => None,
-    };
-    let https = match config.https_addr() {
-        Some(addr) => {
-            let tls = Arc::new(tls::Tls::new(config.cert_files())?);
-            tasks.spawn(Arc::clone(&tls).watch(config.tls.reload_interval, shutdown.clone()));
-            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
-            Some((bind("listen.https", addr).await?, acceptor))
-        }
-        None => None,
-    };
+    let mut listeners = Vec::new();
+    let mut http_addr = None;
+    if let Some(addr) = config.http_addr() {
+        let (socket, bound) = bind_data("listen.http", addr).await?;
+        http_addr = Some(bound);
+        listeners.push(server::Listener { socket, tls: None });
+    }
+    let mut https_addr = None;
+    if let Some(addr) = config.https_addr() {
+        let tls = Arc::new(tls::Tls::new(config.cert_files())?);
+        tasks.spawn(Arc::clone(&tls).watch(config.tls.reload_interval, shutdown.clone()));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
+        let (socket, bound) = bind_data("listen.https", addr).await?;
+        https_addr = Some(bound);
+        listeners.push(server::Listener {
+            socket,
+            tls: Some(acceptor),
+        });
+    }
 
     let admin_addr = match config.admin_addr() {
         None => None,
@@ -271,30 +279,14 @@ pub async fn start(config: Config) -> Result<Running, String> {
         warm: server::Warm::new(config.limits.warm_connections),
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
-    let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
-    let https_addr = https.as_ref().and_then(|(l, _)| l.local_addr().ok());
-    if let Some(listener) = http {
-        let (edge, limits, slots) = (Arc::clone(&edge), limits.clone(), Arc::clone(&slots));
-        tasks.spawn(server::serve(
-            listener,
-            None,
-            edge,
-            limits,
-            slots,
-            shutdown.clone(),
-        ));
+    if !listeners.is_empty() {
+        tasks.spawn(server::start_workers(
+            workers, &listeners, &edge, &limits, &slots, &shutdown,
+        )?);
     }
-    if let Some((listener, acceptor)) = https {
-        tasks.spawn(server::serve(
-            listener,
-            Some(acceptor),
-            edge,
-            limits,
-            slots,
-            shutdown.clone(),
-        ));
-    }
-    tracing::info!(http = ?http_addr, https = ?https_addr, admin = ?admin_addr, source = source_name, "serving");
+    // The workers hold their own copies of the sockets.
+    drop(listeners);
+    tracing::info!(http = ?http_addr, https = ?https_addr, admin = ?admin_addr, workers, source = source_name, "serving");
     Ok(Running {
         http_addr,
         https_addr,
@@ -303,6 +295,17 @@ pub async fn start(config: Config) -> Result<Running, String> {
         shutdown,
         tasks,
     })
+}
+
+/// Binds a data listener: the socket, to be shared by the workers, and its bound address.
+async fn bind_data(
+    field: &str,
+    addr: SocketAddr,
+) -> Result<(std::net::TcpListener, SocketAddr), String> {
+    let listener = bind(field, addr).await?;
+    let bound = listener.local_addr().map_err(|e| format!("{field}: {e}"))?;
+    let socket = listener.into_std().map_err(|e| format!("{field}: {e}"))?;
+    Ok((socket, bound))
 }
 
 async fn bind(field: &str, addr: SocketAddr) -> Result<TcpListener, String> {

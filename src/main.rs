@@ -39,7 +39,12 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config.log);
+    // The control side: sync, admin, persistence, health checks. The data listeners are served
+    // by worker threads of their own (`listen.workers`); two threads here keep the admin
+    // listener answering while a large snapshot is applied.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("arkor-control")
         .enable_all()
         .build()
     {

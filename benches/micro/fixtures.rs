@@ -59,7 +59,7 @@ adapters = { "0b1d2c3e-0000-4000-8000-000000000001" = 0, "0b1d2c3e-0000-4000-800
 /// One pool per flavour, built from config text the way the edge builds them.
 pub fn pools() -> Arc<Pools> {
     let config = Config::from_toml(POOLS_TOML, PathBuf::from(".")).expect("bench config");
-    Arc::new(Pools::from_config(&config.pools, Duration::from_secs(1)).expect("bench pools"))
+    Arc::new(Pools::from_config(&config.pools, Duration::from_secs(1), 1).expect("bench pools"))
 }
 
 /// splitmix64's finaliser: a bijection, so distinct indexes give distinct values.

@@ -80,6 +80,9 @@ pub struct Listen {
     pub https: String,
     /// Admin listener (health, metrics, push); `""` disables it.
     pub admin: String,
+    /// Threads serving the data listeners, each with its own event loop; 0 means one per CPU
+    /// the process may use.
+    pub workers: usize,
 }
 
 impl Default for Listen {
@@ -88,6 +91,7 @@ impl Default for Listen {
             http: "127.0.0.1:8080".to_owned(),
             https: String::new(),
             admin: "127.0.0.1:9090".to_owned(),
+            workers: 0,
         }
     }
 }
@@ -444,6 +448,15 @@ impl Config {
     /// The plain HTTP listen address, if enabled (validated).
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.listen.http.parse().ok()
+    }
+
+    /// How many threads serve the data listeners: `listen.workers`, or when that is 0, as many
+    /// as the CPUs the process may use (its affinity and cgroup quota count).
+    pub fn workers(&self) -> usize {
+        match self.listen.workers {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            n => n,
+        }
     }
 
     /// The HTTPS listen address, if enabled (validated).

@@ -55,7 +55,8 @@ pub struct PoolConfig {
     pub api_key_file: Option<PathBuf>,
     #[serde(default)]
     pub api_key_env: Option<String>,
-    /// Idle connections kept per endpoint.
+    /// Idle connections kept per endpoint, shared out between the data workers (each has its
+    /// own idle list).
     #[serde(default = "default_max_idle")]
     pub max_idle_per_endpoint: usize,
     /// How long an idle backend connection is kept. Shorter than the backend's own keep-alive

@@ -22,6 +22,16 @@ fn empty_file_gives_the_defaults() {
     assert_eq!(c.state_dir(), Path::new("/etc/arkor/../var/state"));
     assert!(c.admin.secret.is_none());
     assert_eq!(c.log.format, LogFormat::Text);
+    assert_eq!(
+        c.workers(),
+        std::thread::available_parallelism().unwrap().get()
+    );
+}
+
+#[test]
+fn workers_are_as_set() {
+    assert_eq!(parse("[listen]\nworkers = 3\n").unwrap().workers(), 3);
+    assert!(parse("[listen]\nworkers = 1024\n").is_ok());
 }
 
 #[test]
@@ -125,6 +135,7 @@ fn every_problem_is_reported_at_once() {
 base_domains = ["*.bad"]
 [listen]
 http = "nowhere"
+workers = 1025
 [[pools]]
 name = "a"
 base_models = ["m"]
@@ -146,6 +157,7 @@ upstream_connect = "0s"
     for needle in [
         "base_domains[0]",
         "listen.http",
+        "listen.workers",
         "pools[0].endpoints[0]",
         "pools[0].endpoints[1]",
         "pools[0].retries",
@@ -158,7 +170,7 @@ upstream_connect = "0s"
     ] {
         assert!(all.contains(needle), "missing {needle} in:\n{all}");
     }
-    assert_eq!(e.0.len(), 11, "{all}");
+    assert_eq!(e.0.len(), 12, "{all}");
 }
 
 #[test]

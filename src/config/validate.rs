@@ -101,6 +101,9 @@ impl Config {
         if !(1..=1_000_000).contains(&l.max_connections) {
             problems.push("limits.max_connections: must be between 1 and 1000000".to_owned());
         }
+        if self.listen.workers > MAX_WORKERS {
+            problems.push(format!("listen.workers: must be at most {MAX_WORKERS}"));
+        }
         if l.warm_connections > 1_000_000 {
             problems.push("limits.warm_connections: must be at most 1000000".to_owned());
         }
@@ -363,6 +366,9 @@ fn resolve_secret(
     }
     Ok(Some(Secret(value.into())))
 }
+
+/// Most threads `listen.workers` may ask for.
+pub const MAX_WORKERS: usize = 1024;
 
 /// Longest duration any setting takes: the request path adds durations to the current time,
 /// which a value near `u64::MAX` seconds would overflow.

@@ -24,8 +24,12 @@ pub fn check(data: &[u8]) -> Outcome {
     let Ok(config) = Config::from_toml(text, PathBuf::from("/nonexistent/arkor-edge-fuzz")) else {
         return Ok(());
     };
-    Pools::from_config(&config.pools, config.timeouts.upstream_connect)
-        .map_err(|e| format!("a valid configuration's pools do not build: {e}"))?;
+    Pools::from_config(
+        &config.pools,
+        config.timeouts.upstream_connect,
+        config.workers(),
+    )
+    .map_err(|e| format!("a valid configuration's pools do not build: {e}"))?;
     ensure!(
         config.normalised_base_domains().len() == config.base_domains.len(),
         "a valid configuration has a base domain that does not normalise: {:?}",

@@ -53,7 +53,7 @@ fn pools() -> Result<Arc<Pools>, String> {
         .get_or_init(|| {
             let config = Config::from_toml(POOLS, PathBuf::from("/nonexistent"))
                 .map_err(|e| e.to_string())?;
-            Pools::from_config(&config.pools, Duration::from_secs(1)).map(Arc::new)
+            Pools::from_config(&config.pools, Duration::from_secs(1), 1).map(Arc::new)
         })
         .clone()
 }

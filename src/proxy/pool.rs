@@ -160,13 +160,15 @@ pub struct PoolMetrics {
 
 impl Endpoint {
     /// An endpoint of pool `pool` from its config string; HTTP/1.1 endpoints get their own
-    /// connections (connect timeout `connect`, at most `max_idle` kept idle for `idle_for`).
+    /// connections (connect timeout `connect`, at most `max_idle` kept idle for `idle_for`,
+    /// shared out between `workers` worker threads).
     pub fn new(
         pool: &str,
         label: &str,
         connect: Duration,
         max_idle: usize,
         idle_for: Duration,
+        workers: usize,
     ) -> Result<Endpoint, String> {
         let spec = EndpointSpec::parse(label)?;
         let conns = match &spec {
@@ -181,7 +183,7 @@ impl Endpoint {
                     .trim_end_matches(']');
                 let port = authority.port_u16().unwrap_or(80);
                 Some(Arc::new(Conns::new(
-                    host, port, max_idle, idle_for, connect,
+                    host, port, max_idle, idle_for, connect, workers,
                 )))
             }
             _ => None,
@@ -359,8 +361,13 @@ pub struct Pools {
 }
 
 impl Pools {
-    /// Builds pools from validated config; `connect` bounds every backend connect.
-    pub fn from_config(pools: &[PoolConfig], connect: Duration) -> Result<Pools, String> {
+    /// Builds pools from validated config; `connect` bounds every backend connect, and
+    /// `workers` threads serve the data listeners.
+    pub fn from_config(
+        pools: &[PoolConfig],
+        connect: Duration,
+        workers: usize,
+    ) -> Result<Pools, String> {
         let mut by_model = HashMap::new();
         let mut all = Vec::new();
         for p in pools {
@@ -368,7 +375,14 @@ impl Pools {
                 .endpoints
                 .iter()
                 .map(|e| {
-                    Endpoint::new(&p.name, e, connect, p.max_idle_per_endpoint, p.idle_timeout)
+                    Endpoint::new(
+                        &p.name,
+                        e,
+                        connect,
+                        p.max_idle_per_endpoint,
+                        p.idle_timeout,
+                        workers,
+                    )
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("pool {}: {e}", p.name))?;
@@ -494,7 +508,7 @@ mod tests {
             endpoints: endpoints
                 .iter()
                 .map(|e| {
-                    Endpoint::new("p", e, Duration::from_secs(1), 1, Duration::from_secs(1))
+                    Endpoint::new("p", e, Duration::from_secs(1), 1, Duration::from_secs(1), 1)
                         .unwrap()
                 })
                 .collect(),

@@ -8,6 +8,7 @@
 
 mod conn;
 mod io;
+mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 use conn::{Builders, Conn};
 pub use conn::{PARK_AFTER, PARK_AFTER_WARM, Warm};
+#[cfg(test)]
+pub(crate) use workers::set_current_worker;
+pub use workers::{Listener, current_worker, start as start_workers};
 
 use crate::router::Edge;
 use crate::tls::normalise_sni;

@@ -60,9 +60,10 @@ pub fn fixture(revision: u64) -> Value {
     })
 }
 
-/// A config for tests: ephemeral ports, state in the config folder, the `test` pool over
-/// `endpoints` (with `pool_extra` lines), the `demo` echo pool, the given `[control_plane]` table
-/// body, and `extra` appended.
+/// A config for tests: ephemeral ports, two worker threads (whatever the machine's CPUs, so
+/// every test crosses workers), state in the config folder, the `test` pool over `endpoints`
+/// (with `pool_extra` lines), the `demo` echo pool, the given `[control_plane]` table body, and
+/// `extra` appended.
 pub fn config_toml(
     endpoints: &[String],
     pool_extra: &str,
@@ -81,6 +82,7 @@ state_dir = "state"
 [listen]
 http = "127.0.0.1:0"
 admin = "127.0.0.1:0"
+workers = 2
 [control_plane]
 {control_plane}
 [[pools]]

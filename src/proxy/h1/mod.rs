@@ -209,8 +209,12 @@ async fn write_all(
 }
 
 /// The idle connections of one endpoint, freshest last, and how new ones are made.
+///
+/// Each data worker thread has its own idle list: a socket is registered with the event loop of
+/// the worker that opened it, so only that worker takes it again (another worker could drive it,
+/// but each readiness change would then cross threads).
 pub struct Conns {
-    idle: Mutex<VecDeque<Parked>>,
+    idle: Box<[Mutex<VecDeque<Parked>>]>,
     host: Box<str>,
     port: u16,
     max_idle: usize,
@@ -235,16 +239,21 @@ impl std::fmt::Debug for Conns {
 
 impl Conns {
     /// Connections to `host:port` (a name or an IP literal, without brackets), made within
-    /// `connect_for`; at most `max_idle` are kept idle, each for at most `idle_for`.
+    /// `connect_for`, for `workers` worker threads; at most `max_idle` in all are kept idle, each
+    /// for at most `idle_for`. The idle lists share `max_idle` out: with 10 and 4 workers, two
+    /// lists hold 3 and two hold 2.
     pub fn new(
         host: &str,
         port: u16,
         max_idle: usize,
         idle_for: Duration,
         connect_for: Duration,
+        workers: usize,
     ) -> Conns {
         Conns {
-            idle: Mutex::new(VecDeque::new()),
+            idle: (0..workers.max(1))
+                .map(|_| Mutex::new(VecDeque::new()))
+                .collect(),
             host: host.into(),
             port,
             max_idle,
@@ -257,8 +266,9 @@ impl Conns {
     /// Connections found closed or too old on the way are dropped.
     pub fn take(&self) -> Option<Box<Conn>> {
         let now = Instant::now();
+        let (idle, _) = self.local();
         loop {
-            let mut parked = self.lock().pop_back()?;
+            let mut parked = lock(idle).pop_back()?;
             if self.usable(&mut parked, now) {
                 return Some(parked.conn);
             }
@@ -282,13 +292,14 @@ impl Conns {
     /// client finished reading), if it can carry another one; the oldest parked connection
     /// makes room when the list is full.
     fn put(&self, mut conn: Box<Conn>, since: Instant) {
-        if self.max_idle == 0 || !conn.reusable() {
+        let (idle, max_idle) = self.local();
+        if max_idle == 0 || !conn.reusable() {
             return;
         }
         let parked = Parked { conn, since };
         let evicted = {
-            let mut idle = self.lock();
-            let evicted = if idle.len() >= self.max_idle {
+            let mut idle = lock(idle);
+            let evicted = if idle.len() >= max_idle {
                 idle.pop_front()
             } else {
                 None
@@ -304,21 +315,25 @@ impl Conns {
     /// returns how many are left. Run periodically, so sockets the backend closed do not linger.
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
-        let mut closed = Vec::new();
-        let left = {
-            let mut idle = self.lock();
-            let mut kept = VecDeque::with_capacity(idle.len());
-            for mut parked in idle.drain(..) {
-                if self.usable(&mut parked, now) {
-                    kept.push_back(parked);
-                } else {
-                    closed.push(parked);
+        let mut left = 0;
+        for idle in &self.idle {
+            let mut closed = Vec::new();
+            {
+                let mut idle = lock(idle);
+                let mut kept = VecDeque::with_capacity(idle.len());
+                for mut parked in idle.drain(..) {
+                    if self.usable(&mut parked, now) {
+                        kept.push_back(parked);
+                    } else {
+                        closed.push(parked);
+                    }
                 }
+                *idle = kept;
+                left += idle.len();
             }
-            *idle = kept;
-            idle.len()
-        };
-        drop(closed);
+            // Closed outside the lock.
+            drop(closed);
+        }
         left
     }
 
@@ -334,13 +349,22 @@ impl Conns {
 
     /// How many connections are parked.
     pub fn idle(&self) -> usize {
-        self.lock().len()
+        self.idle.iter().map(|idle| lock(idle).len()).sum()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Parked>> {
-        // The list holds no invariant a panic elsewhere could break.
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The idle list of the worker running this code (the first outside the workers), and how
+    /// many connections it may hold.
+    fn local(&self) -> (&Mutex<VecDeque<Parked>>, usize) {
+        let lists = self.idle.len();
+        let i = crate::server::current_worker() % lists;
+        let share = self.max_idle / lists + usize::from(i < self.max_idle % lists);
+        (&self.idle[i], share)
     }
+}
+
+fn lock(idle: &Mutex<VecDeque<Parked>>) -> std::sync::MutexGuard<'_, VecDeque<Parked>> {
+    // The list holds no invariant a panic elsewhere could break.
+    idle.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A response body read from a held connection; the connection goes back to its endpoint's

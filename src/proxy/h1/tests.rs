@@ -52,6 +52,7 @@ fn conns(port: u16, max_idle: usize, idle_for: Duration) -> Arc<Conns> {
         max_idle,
         idle_for,
         Duration::from_secs(1),
+        1,
     ))
 }
 
@@ -153,6 +154,47 @@ async fn idle_connections_expire_and_are_bounded() {
 }
 
 #[tokio::test]
+async fn each_worker_keeps_its_own_idle_connections() {
+    use crate::server::set_current_worker;
+    let (port, accepted) = backend(SIZED, usize::MAX).await;
+    // 3 idle connections shared out between 2 workers: 2 for worker 0, 1 for worker 1.
+    let conns = Arc::new(Conns::new(
+        "127.0.0.1",
+        port,
+        3,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+        2,
+    ));
+    let finish_three = || async {
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(on_new_connection(&conns).await);
+        }
+        for body in held {
+            assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
+        }
+    };
+    set_current_worker(1);
+    finish_three().await;
+    assert_eq!(conns.idle(), 1);
+    set_current_worker(0);
+    assert!(
+        conns.take().is_none(),
+        "worker 0 took worker 1's connection"
+    );
+    finish_three().await;
+    assert_eq!(conns.idle(), 3);
+    assert_eq!(accepted.load(Ordering::SeqCst), 6);
+    let taken: Vec<_> = std::iter::from_fn(|| conns.take()).collect();
+    assert_eq!(taken.len(), 2);
+    set_current_worker(1);
+    assert!(conns.take().is_some());
+    assert!(conns.take().is_none());
+    set_current_worker(0);
+}
+
+#[tokio::test]
 async fn a_refused_connect_fails() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -163,6 +205,7 @@ async fn a_refused_connect_fails() {
         2,
         Duration::from_secs(1),
         Duration::from_secs(1),
+        1,
     );
     assert!(conns.connect().await.is_err());
 }
