@@ -7,11 +7,13 @@
 //! opens ([`crate::proxy::h1::Conns`] keeps an idle list per worker). A worker that is busy
 //! reaches its next accept later than an idle one, so new connections go mostly to the idle.
 //!
-//! Why not one runtime with work stealing: there, a task woken by one worker's event loop is
-//! often run by the other, which was asleep and must be woken by a system call first, and the
-//! two contend on shared run queues. At the same load the edge spent 25–30% less CPU in user
-//! space per non-streamed request with a worker per core (BENCHMARKS.md). The cost is that
-//! work does not move: one connection carrying many HTTP/2 streams keeps one core busy while
+//! Why not one runtime with work stealing: there, ready work wakes an idle worker to steal it,
+//! a `futex` call and a context switch each time (about one per stream at 3,000 streams/s).
+//! Against that runtime, measured alternately on 2 cores, a worker per core cost about 9% less
+//! CPU per non-streamed request at saturation and 6% less per stream at 3,000 streams/s, and
+//! about 4% more per stream at saturation, where each of two workers sleeps and wakes more
+//! often than one stealing runtime did (BENCHMARKS.md, "Runtime shape"). The cost in kind is
+//! that work does not move: one connection carrying many HTTP/2 streams keeps to one core while
 //! another may idle. The edge's work per request is small next to a model's, so connections,
 //! not single clients, are what fill the cores.
 
