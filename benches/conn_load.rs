@@ -5,7 +5,7 @@
 //! cargo bench --bench conn_load -- connect --addr 127.0.0.1:8443 [--sni bench.arkor.app \
 //!     --ca ca.pem] --key ark_live_… [--conns 32] [--secs 10] [--max 25000] [--threads 1]
 //! cargo bench --bench conn_load -- idle --addr 127.0.0.1:8080 [--sni NAME --ca ca.pem] \
-//!     --key ark_live_… [--count 10000] [--secs 60] [--hold 300]
+//!     --key ark_live_… [--count 10000] [--secs 60] [--hold 300] [--h2]
 //! ```
 //!
 //! `connect`: `--conns` loops, each opening a new TCP connection, doing a TLS handshake when
@@ -16,7 +16,8 @@
 //! completed, full / resumed handshakes, errors, rate, p50 and p99 of connect-to-last-byte.
 //!
 //! `idle`: opens `--count` connections (64 being opened at once), TLS when `--ca` is given, each
-//! sending one request and reading its whole response, then keeps them all open and idle.
+//! sending one request and reading its whole response, then keeps them all open and idle. With
+//! `--h2` the connections speak HTTP/2: ALPN `h2` over TLS, prior knowledge (h2c) without.
 //! Prints `ready open=N …` once done (or when `--secs` have passed), then holds the
 //! connections until it is killed or `--hold` seconds have passed.
 
@@ -28,9 +29,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::Request;
+use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::client::Resumption;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -54,6 +56,7 @@ struct Args {
     secs: u64,
     hold: u64,
     threads: usize,
+    h2: bool,
 }
 
 fn parse_args() -> Result<Args, Error> {
@@ -70,6 +73,7 @@ fn parse_args() -> Result<Args, Error> {
         secs: 10,
         hold: 300,
         threads: 1,
+        h2: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -87,6 +91,7 @@ fn parse_args() -> Result<Args, Error> {
             "--secs" => a.secs = value()?.parse()?,
             "--hold" => a.hold = value()?.parse()?,
             "--threads" => a.threads = value()?.parse()?,
+            "--h2" => a.h2 = true,
             _ => {} // `cargo bench` adds `--bench`
         }
     }
@@ -98,7 +103,7 @@ fn parse_args() -> Result<Args, Error> {
 
 /// A client trusting only the CA in `ca`, with session resumption off: every handshake is a
 /// full one (certificate, signature, key exchange).
-fn connector(ca: &str) -> Result<TlsConnector, Error> {
+fn connector(ca: &str, h2: bool) -> Result<TlsConnector, Error> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca)? {
         roots.add(cert?)?;
@@ -108,7 +113,11 @@ fn connector(ca: &str) -> Result<TlsConnector, Error> {
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![if h2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
     config.resumption = Resumption::disabled();
     Ok(TlsConnector::from(Arc::new(config)))
 }
@@ -126,7 +135,44 @@ fn request(a: &Args, close: bool) -> Result<Request<Full<Bytes>>, Error> {
 
 /// What a connection keeps alive while it idles: the request sender (dropping it would let
 /// hyper close the connection).
-type Held = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+enum Held {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Held {
+    /// Starts the connection's driver on the runtime and returns its sender: HTTP/2 when `h2`.
+    async fn handshake<T>(io: T, h2: bool) -> Result<Held, Error>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(io);
+        Ok(if h2 {
+            let (sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            tokio::spawn(conn);
+            Held::H2(sender)
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(conn);
+            Held::H1(sender)
+        })
+    }
+
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>> {
+        match self {
+            Held::H1(s) => s.send_request(req).await,
+            Held::H2(s) => s.send_request(req).await,
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Held::H1(s) => s.is_closed(),
+            Held::H2(s) => s.is_closed(),
+        }
+    }
+}
 
 /// An open connection, and whether its TLS handshake was a full one (`None`: plain).
 struct Opened {
@@ -148,18 +194,11 @@ async fn open(a: &Args, tls: Option<&TlsConnector>, close: bool) -> Result<Opene
                     rustls::HandshakeKind::Full | rustls::HandshakeKind::FullWithHelloRetryRequest
                 )
             );
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
-            (sender, Some(full))
+            (Held::handshake(stream, a.h2).await?, Some(full))
         }
-        None => {
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-            tokio::spawn(conn);
-            (sender, None)
-        }
+        None => (Held::handshake(tcp, a.h2).await?, None),
     };
-    let resp = held.send_request(request(a, close)?).await?;
+    let resp = held.send(request(a, close && !a.h2)?).await?;
     let status = resp.status();
     resp.into_body().collect().await?;
     if !status.is_success() {
@@ -177,7 +216,7 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 }
 
 async fn connect(a: Arc<Args>) -> Result<(), Error> {
-    let tls = a.ca.as_deref().map(connector).transpose()?;
+    let tls = a.ca.as_deref().map(|ca| connector(ca, a.h2)).transpose()?;
     let full = Arc::new(AtomicU64::new(0));
     let resumed = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -232,7 +271,7 @@ async fn connect(a: Arc<Args>) -> Result<(), Error> {
 }
 
 async fn idle(a: Arc<Args>) -> Result<(), Error> {
-    let tls = a.ca.as_deref().map(connector).transpose()?;
+    let tls = a.ca.as_deref().map(|ca| connector(ca, a.h2)).transpose()?;
     let start = Instant::now();
     let deadline = start + Duration::from_secs(a.secs);
     let next = Arc::new(AtomicU64::new(0));

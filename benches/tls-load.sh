@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # What TLS costs arkor-edge on 127.0.0.1: full handshakes per second, requests per second over
-# plain and TLS HTTP/1.1 and HTTP/2, and memory per idle keep-alive connection (plain and TLS).
+# plain and TLS HTTP/1.1 and HTTP/2, and memory per idle keep-alive connection (plain and TLS,
+# HTTP/1.1 and HTTP/2).
 #
 #   bash benches/tls-load.sh [SECONDS]
 #
 # Installs wrk, h2load (nghttp2-client) and openssl from Debian's packages when missing, makes a
 # throwaway CA and a *.arkor.app certificate in a temp dir, and runs the edge (plain and HTTPS
 # listeners) in front of the mock backend (arkor-mock-backend, benches/support/mock.rs). Bounded: seven load phases of
-# SECONDS each (default 10), then two idle phases of at most 10,000 connections (60 s at most
+# SECONDS each (default 10), then four idle phases of at most 10,000 connections (60 s at most
 # each, on a fresh edge each); 127.0.0.1 only. Prints one table, the TLS/plain ratios and, for
 # every phase, the edge's own CPU time per request or connection (from /proc), which stays
 # meaningful when the load tools compete with the edge for the same cores.
@@ -307,6 +308,8 @@ printf '%-34s %7s %7s %8s %11s %11s %13s %16s %13s\n' "connections" "opened" "in
   "RSS before" "RSS open" "RSS per conn" "RSS after close" "edge fds"
 idle_phase "$idle_count plain HTTP/1.1" "$http_port"
 idle_phase "$idle_count TLS HTTP/1.1" "$https_port" --ca "$work/ca.pem"
+idle_phase "$idle_count plain HTTP/2 (h2c)" "$http_port" --h2
+idle_phase "$idle_count TLS HTTP/2" "$https_port" --ca "$work/ca.pem" --h2
 
 echo
 read -r tls_n tls_full tls_resumed tls_cpu < "$work/connect-$https_port"
