@@ -45,6 +45,9 @@ pub const USAGE_REPORTS: &str = "arkor_edge_usage_reports_total";
 /// Idle HTTP/1.1 client connections parked without buffers, waiting for their next request.
 pub const PARKED_CONNECTIONS: &str = "arkor_edge_parked_connections";
 
+/// Client connections each data worker serves (label `worker`: 0 up to `listen.workers` − 1).
+pub const WORKER_CONNECTIONS: &str = "arkor_edge_worker_connections";
+
 /// Per pool and endpoint (endpoints are few, so these labels are bounded): requests in flight.
 pub const ENDPOINT_IN_FLIGHT: &str = "arkor_edge_endpoint_in_flight";
 /// Attempts sent to an endpoint.
@@ -141,6 +144,10 @@ fn describe() {
     describe_gauge!(
         PARKED_CONNECTIONS,
         "Idle HTTP/1.1 client connections parked without buffers."
+    );
+    describe_gauge!(
+        WORKER_CONNECTIONS,
+        "Client connections each data worker thread serves."
     );
     describe_gauge!(REVISION, "Highest control-plane revision applied.");
     describe_gauge!(ENTRIES, "Deployments and keys held.");

@@ -1,6 +1,7 @@
 //! The data listeners are served by `listen.workers` threads: the edge starts that many, every
-//! connection is served, and the threads end with the shutdown. One test in its own binary, so
-//! the threads counted are this edge's.
+//! connection is served, connections opened at once are spread over the workers, and the threads
+//! end with the shutdown. One test in its own binary, so the threads and the gauges are this
+//! edge's.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed unwrap is a failed test
 #![cfg(target_os = "linux")]
@@ -9,8 +10,11 @@ mod support;
 
 use std::time::Duration;
 
+use http::Method;
 use support::backend::Backend;
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// The threads of this process named as the edge names its workers.
 fn worker_threads() -> usize {
@@ -56,10 +60,73 @@ async fn workers_serve_every_connection_and_end_with_the_shutdown() {
     }
     assert_eq!(backend.chats().len(), 24);
 
+    // 30 keep-alive connections opened at once and held: each worker serves 10 ± 1, whichever
+    // accepted them (`arkor_edge_worker_connections`).
+    assert_eq!(settled_connections(&edge, 0).await, [0.0; 3]);
+    let mut opening = tokio::task::JoinSet::new();
+    for _ in 0..30 {
+        let addr = edge.addr;
+        opening.spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /v1/models HTTP/1.1\r\nhost: open.arkor.app\r\n\r\n")
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&got).contains("\"data\"") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before the answer");
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert!(got.starts_with(b"HTTP/1.1 200"));
+            s
+        });
+    }
+    let held = opening.join_all().await;
+    let per_worker = settled_connections(&edge, 30).await;
+    assert_eq!(per_worker.iter().sum::<f64>(), 30.0, "{per_worker:?}");
+    assert!(
+        per_worker.iter().all(|&n| (9.0..=11.0).contains(&n)),
+        "{per_worker:?}"
+    );
+    drop(held);
+    assert_eq!(
+        settled_connections(&edge, 0).await,
+        [0.0; 3],
+        "closed connections still counted"
+    );
+
     edge.stop().await;
     assert_eq!(
         settled_workers(0).await,
         0,
         "worker threads outlived the shutdown"
     );
+}
+
+/// [`worker_connections`] once they add up to `total`, or after 2 s: the edge counts a
+/// connection's end when it sees the close.
+async fn settled_connections(edge: &TestEdge, total: usize) -> Vec<f64> {
+    let mut per_worker = worker_connections(edge).await;
+    for _ in 0..100 {
+        if per_worker.iter().sum::<f64>() == total as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        per_worker = worker_connections(edge).await;
+    }
+    per_worker
+}
+
+/// `arkor_edge_worker_connections` of workers 0, 1 and 2, from the admin listener.
+async fn worker_connections(edge: &TestEdge) -> Vec<f64> {
+    let text = edge.admin(Method::GET, "/metrics", None, "").await.text();
+    (0..3)
+        .map(|i| {
+            let series = format!("arkor_edge_worker_connections{{worker=\"{i}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&series))
+                .map_or(0.0, |v| v.trim().parse().unwrap())
+        })
+        .collect()
 }

@@ -125,6 +125,8 @@ pub struct Conn {
     pub edge: Arc<Edge>,
     pub peer: SocketAddr,
     pub slot: OwnedSemaphorePermit,
+    /// Counts the connection on its worker while it lives.
+    pub _placed: super::workers::Placed,
 }
 
 /// Why a hyper connection was asked to end.

@@ -18,7 +18,7 @@ use std::time::Duration;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -55,9 +55,11 @@ pub struct ServerLimits {
     pub warm: Arc<Warm>,
 }
 
-/// Serves `listener` (plain, or TLS when `tls` is given) until `shutdown`, then lets open
-/// connections finish for up to `shutdown_grace`. `slots` is shared by all data listeners, and a
-/// listener's shutdown waits until every slot is free again (or the grace has passed).
+/// Serves `listener` (plain, or TLS when `tls` is given) on one worker until `shutdown`, then
+/// lets open connections finish for up to `shutdown_grace`. `slots` is shared by all data
+/// listeners, and a listener's shutdown waits until every slot is free again (or the grace has
+/// passed). A connection accepted here may be handed over to another worker, and connections
+/// other workers accepted arrive in `handovers.inbox` ([`workers`]).
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
@@ -65,18 +67,39 @@ pub async fn serve(
     limits: ServerLimits,
     slots: Arc<Semaphore>,
     shutdown: CancellationToken,
+    mut handovers: workers::Handovers,
 ) {
     let builders = builders(&limits);
     // Cancelled when the grace is over: connections still open are then dropped.
     let force = CancellationToken::new();
     let mut backoff = Duration::from_millis(5);
     loop {
-        let (stream, peer) = tokio::select! {
+        let (stream, peer, slot, placed) = tokio::select! {
             _ = shutdown.cancelled() => break,
+            Some(h) = handovers.inbox.recv() => match TcpStream::from_std(h.socket) {
+                Ok(stream) => (stream, h.peer, h.slot, h.placed),
+                Err(e) => {
+                    tracing::warn!("cannot take over a connection: {e}");
+                    continue;
+                }
+            },
             accepted = listener.accept() => match accepted {
-                Ok(a) => {
+                Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
-                    a
+                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                        tracing::debug!(%peer, "connection limit reached, closing");
+                        drop(stream);
+                        continue;
+                    };
+                    let placed = handovers.spread.place(handovers.me);
+                    if placed.worker() == handovers.me {
+                        (stream, peer, slot, placed)
+                    } else {
+                        match hand_over(&handovers, stream, peer, slot, placed) {
+                            Some(kept) => kept,
+                            None => continue,
+                        }
+                    }
                 }
                 Err(e) => {
                     // Out of descriptors or similar: do not spin, the condition is shared.
@@ -87,11 +110,6 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::debug!(%peer, "connection limit reached, closing");
-            drop(stream);
-            continue;
-        };
         let _ = stream.set_nodelay(true);
         let conn = Conn {
             builders: builders.clone(),
@@ -101,6 +119,7 @@ pub async fn serve(
             edge: Arc::clone(&edge),
             peer,
             slot,
+            _placed: placed,
         };
         match &tls {
             None => {
@@ -122,12 +141,60 @@ pub async fn serve(
         }
     }
     drop(listener);
+    // Connections handed over and not yet taken in are closed, and their slots freed.
+    drop(handovers);
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
         _ = slots.acquire_many(all) => tracing::info!("all connections closed"),
         _ = tokio::time::sleep(limits.shutdown_grace) => {
             tracing::warn!("shutdown grace elapsed, closing the connections still open");
             force.cancel();
+        }
+    }
+}
+
+/// Sends a connection this worker accepted to the worker `placed` names; `None` once it is on
+/// its way. When that worker's queue is full (it is not taking connections in), the connection
+/// comes back, to be served here. Only a socket that cannot move between event loops (no
+/// descriptor left for the registration) is closed, as an accept that failed would be.
+fn hand_over(
+    handovers: &workers::Handovers,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    placed: workers::Placed,
+) -> Option<(
+    TcpStream,
+    SocketAddr,
+    tokio::sync::OwnedSemaphorePermit,
+    workers::Placed,
+)> {
+    let to = &handovers.to[placed.worker()];
+    let socket = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%peer, "cannot hand a connection over: {e}");
+            return None;
+        }
+    };
+    let handover = workers::Handover {
+        socket,
+        peer,
+        slot,
+        placed,
+    };
+    let back = match to.try_send(handover) {
+        Ok(()) => return None,
+        Err(mpsc::error::TrySendError::Full(h) | mpsc::error::TrySendError::Closed(h)) => h,
+    };
+    match TcpStream::from_std(back.socket) {
+        Ok(stream) => {
+            let placed = handovers.spread.count_on(handovers.me);
+            Some((stream, back.peer, back.slot, placed))
+        }
+        Err(e) => {
+            tracing::warn!(%peer, "cannot take a connection back: {e}");
+            None
         }
     }
 }
