@@ -13,13 +13,13 @@
 //!
 //! Why not one runtime with work stealing: there, ready work wakes an idle worker to steal it,
 //! a `futex` call and a context switch each time (about one per stream at 3,000 streams/s).
-//! Against that runtime, measured alternately on 2 cores, a worker per core cost about 9% less
-//! CPU per non-streamed request at saturation and 6% less per stream at 3,000 streams/s, and
-//! about 4% more per stream at saturation, where each of two workers sleeps and wakes more
-//! often than one stealing runtime did (BENCHMARKS.md, "Runtime shape"). The cost in kind is
-//! that work does not move: one connection carrying many HTTP/2 streams keeps to one core while
-//! another may idle. The edge's work per request is small next to a model's, so connections,
-//! not single clients, are what fill the cores.
+//! Against that runtime, measured alternately on 2 cores, workers of their own cost 13% less
+//! CPU per non-streamed request at 19,500 requests/s and about the same at saturation and at
+//! 3,000 streams/s; at stream saturation they made 6% more streams/s at 5% more CPU per stream
+//! (BENCHMARKS.md, "Runtime shape"). The cost in kind is that work does not move: one
+//! connection carrying many HTTP/2 streams keeps to one core while another may idle. The edge's
+//! work per request is small next to a model's, so connections, not single clients, are what
+//! fill the cores.
 
 use std::cell::Cell;
 use std::future::Future;
