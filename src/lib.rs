@@ -4,7 +4,7 @@
 //!
 //! | module | role |
 //! |---|---|
-//! | [`server`] | accept loop, connection cap, HTTP/1.1 (idle connections parked) + HTTP/2, graceful shutdown |
+//! | [`server`] | worker threads (one event loop each), accept loop, connection cap, HTTP/1.1 (idle connections parked) + HTTP/2, graceful shutdown |
 //! | [`router`] | SPEC §2's decision order: host → deployment → preflight → key → route |
 //! | [`host`] | `Host` / `:authority` → [`host::Slug`] |
 //! | [`auth`] | Bearer parsing, [`auth::KeyHash`] (SHA-256), redacted prefixes |

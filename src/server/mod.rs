@@ -1,5 +1,6 @@
-//! The data listeners: accept loop, connection cap, TLS handshake, and graceful shutdown; each
-//! connection is served by [`conn`] (HTTP/1.1 or HTTP/2) over the streams of [`io`].
+//! The data listeners: worker threads ([`workers`]), accept loop, connection cap, TLS handshake,
+//! and graceful shutdown; each connection is served by [`conn`] (HTTP/1.1 or HTTP/2) over the
+//! streams of [`io`].
 //!
 //! A connection slot is taken before anything else is done for a connection; when none is free
 //! the socket is closed at once, which costs the edge almost nothing. The TLS handshake runs in
@@ -60,7 +61,7 @@ pub struct ServerLimits {
 /// listeners, and a listener's shutdown waits until every slot is free again (or the grace has
 /// passed). A connection accepted here may be handed over to another worker, and connections
 /// other workers accepted arrive in `handovers.inbox` ([`workers`]).
-pub async fn serve(
+async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     edge: Arc<Edge>,

@@ -95,11 +95,6 @@ impl Spread {
             worker,
         }
     }
-
-    /// How many connections worker `i` serves.
-    pub fn open(&self, i: usize) -> usize {
-        self.open[i].load(Ordering::Relaxed)
-    }
 }
 
 /// A connection counted on its worker, until it is dropped.
@@ -258,7 +253,11 @@ mod tests {
     use super::*;
 
     fn loads(spread: &Spread) -> Vec<usize> {
-        (0..spread.open.len()).map(|i| spread.open(i)).collect()
+        spread
+            .open
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
     }
 
     #[test]
