@@ -380,22 +380,28 @@ impl Conn {
     async fn park<S: ClientStream>(&self, mut stream: S, activity: &Activity) -> Option<S> {
         let idle = activity.idle_for().unwrap_or_default();
         let left = self.client_idle.saturating_sub(idle);
-        self.builders.parked.increment(1.0);
-        let _unpark = Unpark(&self.builders.parked);
-        tokio::select! {
-            came = tokio::time::timeout(left, stream.wait_for_data()) => match came {
-                Ok(Ok(true)) => Some(stream),
-                Ok(Ok(false)) => None,
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %self.peer, "connection ended: {e}");
-                    None
-                }
-                Err(_) => {
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
-                    None
-                }
-            },
-            _ = self.shutdown.cancelled() => {
+        // Counted as parked while it waits, and out before the close that may follow: a client
+        // that saw the close then finds it counted out.
+        let woke = {
+            self.builders.parked.increment(1.0);
+            let _unpark = Unpark(&self.builders.parked);
+            tokio::select! {
+                came = tokio::time::timeout(left, stream.wait_for_data()) => match came {
+                    Ok(Ok(true)) => Woke::Data,
+                    Ok(Ok(false)) => Woke::Gone,
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %self.peer, "connection ended: {e}");
+                        Woke::Gone
+                    }
+                    Err(_) => Woke::Close,
+                },
+                _ = self.shutdown.cancelled() => Woke::Close,
+            }
+        };
+        match woke {
+            Woke::Data => Some(stream),
+            Woke::Gone => None,
+            Woke::Close => {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
                 None
             }
@@ -449,6 +455,16 @@ fn ip_value(ip: std::net::IpAddr) -> HeaderValue {
         _ => None,
     }
     .unwrap_or_else(|| HeaderValue::from_static("unknown"))
+}
+
+/// How a parked connection's wait ended.
+enum Woke {
+    /// The client sent bytes: serve them.
+    Data,
+    /// The client closed the connection, or it failed.
+    Gone,
+    /// Idle for `client_idle`, or the edge is shutting down: close it.
+    Close,
 }
 
 /// Counts a connection out of the parked ones, however its wait ends.
