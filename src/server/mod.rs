@@ -143,12 +143,13 @@ async fn serve(
     }
     drop(listener);
     // Connections handed over and not yet taken in are closed, and their slots freed.
+    let worker = handovers.me;
     drop(handovers);
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
-        _ = slots.acquire_many(all) => tracing::info!("all connections closed"),
+        _ = slots.acquire_many(all) => tracing::info!(worker, "all connections closed"),
         _ = tokio::time::sleep(limits.shutdown_grace) => {
-            tracing::warn!("shutdown grace elapsed, closing the connections still open");
+            tracing::warn!(worker, "shutdown grace elapsed, closing the connections still open");
             force.cancel();
         }
     }
