@@ -2,8 +2,9 @@
 //! by the `arkor-mock-backend` binary and the allocation bench.
 //!
 //! Every POST is answered as a chat completion: JSON, or an event stream when the body asks for
-//! `"stream":true` (one frame per event, a usage event when the body asks for
-//! `"include_usage":true`, then `[DONE]`). The latency to the first token, the pause between
+//! `"stream":true` (one frame per event, then `[DONE]`). When the body asks for
+//! `"include_usage":true`, every event carries `"usage":null` and a usage event comes before
+//! `[DONE]`, as OpenAI's API documents (and vLLM and SGLang do). The latency to the first token, the pause between
 //! tokens, the response size and injected errors are set by [`MockOptions`]. With the defaults
 //! (no delay, no errors) it does no work beyond writing pre-rendered bytes, so it is the
 //! "direct" limit proxies are measured against.
@@ -58,6 +59,8 @@ struct Answers {
     options: MockOptions,
     completion: Bytes,
     events: Arc<[Bytes]>,
+    /// The same events with `"usage":null`, for a stream that asked for usage.
+    events_null_usage: Arc<[Bytes]>,
     usage_event: Bytes,
 }
 
@@ -81,13 +84,15 @@ impl Answers {
             options.tokens,
             options.tokens + 8
         );
-        let events: Vec<Bytes> = content
+        let event = |w: &str, usage: &str| {
+            Bytes::from(format!(
+                "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"mock\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{w}\"}},\"finish_reason\":null}}]{usage}}}\n\n"
+            ))
+        };
+        let events: Vec<Bytes> = content.iter().map(|w| event(w, "")).collect();
+        let events_null_usage: Vec<Bytes> = content
             .iter()
-            .map(|w| {
-                Bytes::from(format!(
-                    "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"mock\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{w}\"}},\"finish_reason\":null}}]}}\n\n"
-                ))
-            })
+            .map(|w| event(w, ",\"usage\":null"))
             .collect();
         let usage_event = Bytes::from(format!(
             "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"mock\",\"choices\":[],\"usage\":{{\"prompt_tokens\":8,\"completion_tokens\":{},\"total_tokens\":{}}}}}\n\n",
@@ -98,6 +103,7 @@ impl Answers {
             options,
             completion: Bytes::from(completion),
             events: events.into(),
+            events_null_usage: events_null_usage.into(),
             usage_event,
         }
     }
@@ -137,7 +143,9 @@ impl Body for Events {
         if this.break_at == Some(i) {
             return Poll::Ready(Some(Err(std::io::Error::other("injected stream break"))));
         }
-        let frame = if i < tokens {
+        let frame = if i < tokens && this.usage {
+            this.answers.events_null_usage[i].clone()
+        } else if i < tokens {
             this.answers.events[i].clone()
         } else if i == tokens && this.usage {
             this.answers.usage_event.clone()
