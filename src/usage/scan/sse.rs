@@ -270,8 +270,8 @@ impl SseUsageScan {
 
 /// Whether a whole line can go unscanned: it is a `data` line, a blank line follows it in the
 /// same frame (`rest` starts at its line end), so it is its event's only data, and no key in it
-/// can decode to `usage`: the literal word is absent, and so is any `\u` escape that could spell
-/// it. Most chunks of a stream are such lines; only the last one carries usage.
+/// can decode to `usage` with a value other than `null` ([`may_hold_usage`]). Most chunks of a
+/// stream are such lines; only the last one carries usage.
 fn skippable(line: &[u8], rest: &[u8]) -> bool {
     let blank_follows = matches!(
         rest,
@@ -280,14 +280,43 @@ fn skippable(line: &[u8], rest: &[u8]) -> bool {
     blank_follows && line.starts_with(b"data:") && !may_hold_usage(line)
 }
 
-/// Whether a key in `bytes` could decode to `usage`: the literal word is there, or a `\u`
-/// escape that could spell it. A JSON string cannot span lines, so this holds for every event
-/// whose data lies wholly within `bytes`.
+/// Whether a key in `bytes` could decode to `usage` with a value other than `null`: the literal
+/// word is there other than as `"usage":null` (spaces allowed around the colon), or there is a
+/// `\u` escape that could spell it. A JSON string cannot span lines, so this holds for every
+/// event whose data lies wholly within `bytes`.
+///
+/// With `stream_options.include_usage` (which the edge asks for), OpenAI-compatible backends put
+/// `"usage":null` in every chunk but the last: such a chunk cannot change the usage counted, nor
+/// be a usage-only chunk, so it is passed on unscanned like a chunk without the word.
 fn may_hold_usage(bytes: &[u8]) -> bool {
     static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"usage"));
-    USAGE.find(bytes).is_some()
+    USAGE
+        .find_iter(bytes)
+        .any(|at| !null_member(&bytes[at + b"usage".len()..]))
         // Backslashes are rare in a chunk: one search for them is cheaper than one for `\u`.
         || memchr::memchr_iter(b'\\', bytes).any(|i| bytes.get(i + 1) == Some(&b'u'))
+}
+
+/// Whether `rest`, what follows the word `usage`, closes a key whose value is `null`: a quote,
+/// a colon, `null`, and then a byte that ends the value, with spaces or tabs between them.
+fn null_member(rest: &[u8]) -> bool {
+    fn spaces(b: &[u8]) -> &[u8] {
+        let n = b.iter().take_while(|&&c| c == b' ' || c == b'\t').count();
+        &b[n..]
+    }
+    let Some(rest) = rest.strip_prefix(b"\"") else {
+        return false;
+    };
+    let Some(rest) = spaces(rest).strip_prefix(b":") else {
+        return false;
+    };
+    match spaces(rest).strip_prefix(b"null") {
+        Some(after) => matches!(
+            after.first(),
+            Some(b',' | b'}' | b' ' | b'\t' | b'\r' | b'\n')
+        ),
+        None => false,
+    }
 }
 
 /// Whether `frame` ends with a blank line, so an event ends at its last byte: the last LF (alone

@@ -103,6 +103,48 @@ fn usage_null_chunks_and_no_usage() {
 }
 
 #[test]
+fn frames_whose_only_usage_is_null_pass_unscanned() {
+    // With include_usage, OpenAI-compatible backends put `"usage":null` in every chunk but the
+    // last: such frames go on as they came, unscanned.
+    let scan = SseUsageScan::new(true);
+    let chunk = |tail: &str| {
+        format!(r#"data: {{"choices":[{{"index":0,"delta":{{"content":"a"}}}}]{tail}}}"#) + "\n\n"
+    };
+    for tail in [
+        r#","usage":null"#,
+        r#", "usage" : null "#,
+        "\t,\"usage\":\tnull",
+        r#","x_usage":null,"usage":null"#,
+    ] {
+        let frame = chunk(tail);
+        assert!(scan.passes(frame.as_bytes()), "{frame:?}");
+        assert!(
+            scan.passes(format!("{frame}{frame}").as_bytes()),
+            "{frame:?}"
+        );
+    }
+    for tail in [
+        r#","usage":{"prompt_tokens":1}"#,
+        r#","usage":"null""#,
+        r#","usage":nullx"#,
+        r#","usage":nul"#,
+        r#","usage":null,"usage":{"prompt_tokens":1}"#,
+        r#","usage":null,"us\u0061ge":{"prompt_tokens":1}"#,
+        r#","usage":null,"meta":{"usage":{}}"#,
+    ] {
+        let frame = chunk(tail);
+        assert!(!scan.passes(frame.as_bytes()), "{frame:?}");
+    }
+    // A value on the next data line: scanned.
+    let split = "data: {\"usage\":\ndata: null}\n\n";
+    assert!(!scan.passes(split.as_bytes()));
+    // And what passes counts as it would scanned: nothing, and a later usage still counts.
+    let null = r#"{"choices":[{"delta":{"content":"x"}}], "usage" : null}"#;
+    let stream = events(&[null, null, USAGE_ONLY, "[DONE]"]);
+    sse_all_splits(&stream, u(12, 34), &events(&[null, null, "[DONE]"]));
+}
+
+#[test]
 fn vllm_continuous_usage_last_wins() {
     let c = |p: u64, c: u64, choices: &str| {
         format!(
