@@ -280,9 +280,17 @@ pub async fn start(config: Config) -> Result<Running, String> {
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
     if !listeners.is_empty() {
-        tasks.spawn(server::start_workers(
-            workers, &listeners, &edge, &limits, &slots, &shutdown,
-        )?);
+        let started = server::start_workers(workers, &listeners, &edge, &limits, &slots, &shutdown);
+        match started {
+            Ok(ended) => {
+                tasks.spawn(ended);
+            }
+            Err(e) => {
+                // Workers already started stop with the token; nothing else would stop them.
+                shutdown.cancel();
+                return Err(e);
+            }
+        }
     }
     // The workers hold their own copies of the sockets.
     drop(listeners);
