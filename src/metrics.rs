@@ -56,7 +56,8 @@ pub const ENDPOINT_PICKS: &str = "arkor_edge_endpoint_picks_total";
 pub const ENDPOINT_EJECTIONS: &str = "arkor_edge_endpoint_ejections_total";
 /// Time to the response head, per endpoint, seconds.
 pub const ENDPOINT_TTFB: &str = "arkor_edge_endpoint_ttfb_seconds";
-/// Gaps between consecutive body chunks of a response, per endpoint, seconds.
+/// Gaps between consecutive reads of a response body, per endpoint, seconds (chunks that came
+/// together in one read count as one).
 pub const ENDPOINT_CHUNK_GAP: &str = "arkor_edge_endpoint_chunk_gap_seconds";
 /// Retries per pool.
 pub const POOL_RETRIES: &str = "arkor_edge_pool_retries_total";
@@ -116,7 +117,7 @@ pub fn render(handle: &PrometheusHandle) -> String {
         REQUEST_DURATION => "Request head to end of response body.",
         UPSTREAM_TTFB => "Upstream request to response head, every attempt included.",
         ENDPOINT_TTFB => "Time to the response head, per pool and endpoint.",
-        ENDPOINT_CHUNK_GAP => "Gaps between consecutive body chunks, per pool and endpoint.",
+        ENDPOINT_CHUNK_GAP => "Gaps between consecutive reads of body chunks, per pool and endpoint.",
         _ => "",
     });
     page

@@ -1,8 +1,9 @@
 //! A backend response body's framing decoded from the connection's read buffer (RFC 9112 §6,
 //! §7.1): by length, chunked, or up to the close.
 //!
-//! The chunked decoder reads control bytes (sizes, line ends, trailers) in place and hands each
-//! run of chunk data on as one slice of the read buffer: no copy, and no allocation per chunk.
+//! The chunked decoder reads control bytes (sizes, line ends, trailers) in place and hands the
+//! data of all the chunks in the read buffer on as one slice of it: no copy to another buffer,
+//! and no allocation per chunk.
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::SizeHint;
@@ -141,77 +142,96 @@ impl Decoder {
     }
 }
 
-/// Decodes chunked framing from the front of `buf`: control bytes are consumed in place, and
-/// the data of a chunk goes out as one slice (or as much of it as has come). Returns whether the
-/// body ended too: after a chunk's last data, the framing that follows it in `buf` is read
-/// ahead, so that the last chunk says it is the last.
+/// Decodes chunked framing from the front of `buf`. The data of every chunk that has come,
+/// whole or in part, goes out as one slice: the framing between chunks is consumed in place and
+/// the data after it moved forward over it, so a backend that sends faster than the client reads
+/// costs one frame per read, not one per chunk, and still no copy to another buffer. Returns
+/// whether the body ended too: after a chunk's last data, the framing that follows it in `buf`
+/// is read ahead, so that the last data says it is the last.
 fn chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<(Decoded, bool), WireError> {
-    if let Chunk::Data(left) = state {
-        if buf.is_empty() {
-            return Ok((Decoded::NeedMore, false));
-        }
-        let n = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
-        *left -= n as u64;
-        let data = buf.split_to(n).freeze();
-        // A framing error ahead is found again, and reported, by the next call.
-        let ended = *left == 0 && {
+    let mut read = 0; // bytes of `buf` consumed, framing and data
+    let mut kept = 0; // data bytes moved to the front of `buf`
+    let ended = loop {
+        if let Chunk::Data(left) = state {
+            let n = (buf.len() - read).min(usize::try_from(*left).unwrap_or(usize::MAX));
+            if n == 0 {
+                break false;
+            }
+            if kept != read {
+                buf.copy_within(read..read + n, kept);
+            }
+            (read, kept) = (read + n, kept + n);
+            *left -= n as u64;
+            if *left != 0 {
+                break false;
+            }
             *state = Chunk::DataCr;
-            control(state, buf).unwrap_or(false)
-        };
-        return Ok((Decoded::Data(data), ended));
-    }
-    if control(state, buf)? {
-        return Ok((Decoded::End, true));
-    }
-    match state {
-        Chunk::Data(_) => chunked(state, buf),
-        _ => Ok((Decoded::NeedMore, false)),
-    }
+        }
+        let (used, result) = control(state, &buf[read..]);
+        read += used;
+        match result {
+            Ok(true) => break true,
+            Ok(false) if matches!(state, Chunk::Data(_)) => {}
+            Ok(false) => break false,
+            // Data comes first; the next call meets the bad byte again and reports it.
+            Err(_) if kept > 0 => break false,
+            Err(e) => {
+                buf.advance(read);
+                return Err(e);
+            }
+        }
+    };
+    let decoded = if kept == 0 {
+        buf.advance(read);
+        if ended {
+            Decoded::End
+        } else {
+            Decoded::NeedMore
+        }
+    } else {
+        let mut data = buf.split_to(read);
+        data.truncate(kept);
+        Decoded::Data(data.freeze())
+    };
+    Ok((decoded, ended))
 }
 
-/// Consumes control bytes from the front of `buf` up to chunk data, the body's end (returns
-/// true) or the buffer's end. On an error, the bytes before the bad one are consumed.
-fn control(state: &mut Chunk, buf: &mut BytesMut) -> Result<bool, WireError> {
+/// Reads control bytes from the front of `bytes` up to chunk data, the body's end (`Ok(true)`)
+/// or the end of `bytes`; returns how many it used. On an error, those are the bytes before the
+/// bad one.
+fn control(state: &mut Chunk, bytes: &[u8]) -> (usize, Result<bool, WireError>) {
+    let mut used = 0;
     // The usual framing between two chunks, CRLF then a bare size line, in one step.
-    if *state == Chunk::DataCr && buf.starts_with(b"\r\n") {
-        buf.advance(2);
+    if *state == Chunk::DataCr && bytes.starts_with(b"\r\n") {
+        used = 2;
         *state = Chunk::Size {
             size: 0,
             digits: 0,
             line: 0,
         };
     }
-    if let Some((size, len)) = bare_size_line(*state, buf) {
-        buf.advance(len);
+    if let Some((size, len)) = bare_size_line(*state, &bytes[used..]) {
+        used += len;
         *state = match size {
             0 => Chunk::Trailer { line: 0, total: 0 },
             n => Chunk::Data(n),
         };
         if size != 0 {
-            return Ok(false);
+            return (used, Ok(false));
         }
     }
-    let mut used = 0;
-    let mut result = Ok(false);
-    for &b in buf.iter() {
+    for &b in &bytes[used..] {
         match step(*state, b) {
             Ok(Step::Next(next)) => *state = next,
-            Ok(Step::End) => result = Ok(true),
-            Err(e) => result = Err(e),
-        }
-        if result != Ok(false) {
-            break;
+            Ok(Step::End) => return (used + 1, Ok(true)),
+            Err(e) => return (used, Err(e)),
         }
         used += 1;
         if matches!(state, Chunk::Data(_)) {
             break;
         }
     }
-    if result == Ok(true) {
-        used += 1;
-    }
-    buf.advance(used);
-    result
+    (used, Ok(false))
 }
 
 /// At the start of a size line, one without extensions that is whole in `buf`: the size and

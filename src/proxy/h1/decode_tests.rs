@@ -108,3 +108,37 @@ fn malformed_chunked_framing_is_refused() {
         Err(WireError::Trailers)
     );
 }
+
+#[test]
+fn chunks_in_the_buffer_go_out_as_one_slice() {
+    let mut decoder = Decoder::chunked();
+    let mut buf = BytesMut::from(&b"5\r\nhello\r\n1;x\r\n \r\n5\r\nworld\r\n5\r\nabc"[..]);
+    let data = decoder.decode(&mut buf);
+    assert_eq!(
+        data,
+        Ok(Decoded::Data(Bytes::from_static(b"hello worldabc")))
+    );
+    assert!(!decoder.is_done());
+    assert!(buf.is_empty());
+    // The rest of a chunk cut short, then the last chunk and trailers in one read: one slice
+    // that says it was the last, and the bytes after the body left unread.
+    buf.extend_from_slice(b"de\r\n2\r\nfg\r\n0\r\nx-t: 1\r\n\r\nHTTP/1.1");
+    let data = decoder.decode(&mut buf);
+    assert_eq!(data, Ok(Decoded::Data(Bytes::from_static(b"defg"))));
+    assert!(decoder.is_done());
+    assert_eq!(&buf[..], b"HTTP/1.1");
+    assert_eq!(decoder.decode(&mut buf), Ok(Decoded::End));
+}
+
+#[test]
+fn data_before_a_framing_error_goes_out_first() {
+    let mut decoder = Decoder::chunked();
+    let mut buf = BytesMut::from(&b"2\r\nab\r\n3\r\ncde\r\nzz\r\n"[..]);
+    assert_eq!(
+        decoder.decode(&mut buf),
+        Ok(Decoded::Data(Bytes::from_static(b"abcde")))
+    );
+    assert_eq!(&buf[..], b"zz\r\n");
+    assert_eq!(decoder.decode(&mut buf), Err(WireError::ChunkSize));
+    assert_eq!(&buf[..], b"zz\r\n");
+}
