@@ -273,11 +273,12 @@ impl Body for Passthrough {
                         match this.scan {
                             UsageScan::None => {}
                             UsageScan::Json(s) => s.feed(&frame),
-                            // Most frames pass whole: no `Forward` to fill and drain.
-                            UsageScan::Sse(s) if s.passes(&frame) => {}
                             UsageScan::Sse(s) => {
-                                *this.pending = Some(s.feed(frame));
-                                continue;
+                                // Most frames pass whole: no `Forward` to fill and drain.
+                                if let Some(parts) = s.scan(&frame) {
+                                    *this.pending = Some(parts);
+                                    continue;
+                                }
                             }
                         }
                         return Poll::Ready(Some(Ok(Frame::data(frame))));

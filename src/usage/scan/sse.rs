@@ -65,19 +65,32 @@ impl SseUsageScan {
     /// slices of the frame, usage-only events are left out, and the tail of an unfinished event
     /// is held until its blank line (at most [`MAX_HELD_EVENT`] bytes, then it goes out as is).
     pub fn feed(&mut self, frame: Bytes) -> Forward {
+        match self.scan(&frame) {
+            Some(out) => out,
+            None => {
+                let mut out = Forward::default();
+                out.push(frame);
+                out
+            }
+        }
+    }
+
+    /// [`feed`](Self::feed), but `None` when the frame [`passes`](Self::passes): it goes on as
+    /// it came, and no [`Forward`] is filled. The frame is searched for usage once either way.
+    pub fn scan(&mut self, frame: &Bytes) -> Option<Forward> {
+        let mut usage_at = first_usage(frame);
+        if self.passes_with(frame, usage_at) {
+            return None;
+        }
         let mut out = Forward::default();
         if frame.is_empty() {
-            return out;
-        }
-        if self.passes(&frame) {
-            out.push(frame);
-            return out;
+            return Some(out);
         }
         if !self.strip {
             let mut at = 0;
-            while self.next_event(&frame, &mut at).is_some() {}
-            out.push(frame);
-            return out;
+            while self.next_event(frame, &mut at, &mut usage_at).is_some() {}
+            out.push(frame.clone());
+            return Some(out);
         }
         let mut at = 0; // scan position
         let mut run = 0; // start of the bytes to forward not yet pushed
@@ -90,7 +103,7 @@ impl SseUsageScan {
         }
         let mut region = at; // start of the current event
         let mut last_cut = false;
-        while let Some(usage_only) = self.next_event(&frame, &mut at) {
+        while let Some(usage_only) = self.next_event(frame, &mut at, &mut usage_at) {
             let held = self.take_held();
             last_cut = usage_only && !self.released;
             if last_cut {
@@ -120,7 +133,7 @@ impl SseUsageScan {
                 self.hold(rest);
             }
         }
-        out
+        Some(out)
     }
 
     /// Whether [`feed`](Self::feed) would send `frame` on as it came and leave the scan where
@@ -128,7 +141,12 @@ impl SseUsageScan {
     /// blank line), none of which can carry usage (so none is usage-only). The pass-through then
     /// forwards the frame without feeding it.
     pub fn passes(&self, frame: &[u8]) -> bool {
-        !frame.is_empty() && self.between_events() && ends_event(frame) && !may_hold_usage(frame)
+        self.passes_with(frame, first_usage(frame))
+    }
+
+    /// [`passes`](Self::passes), with `frame`'s first possible usage already found.
+    fn passes_with(&self, frame: &[u8], usage_at: Option<usize>) -> bool {
+        !frame.is_empty() && self.between_events() && ends_event(frame) && usage_at.is_none()
     }
 
     /// End of stream: whatever is still held (an unterminated event) is released as is.
@@ -185,7 +203,14 @@ impl SseUsageScan {
 
     /// Scans from `*at` to just past the next blank line and returns whether the event it ended
     /// was usage-only; `None` when the frame ran out first. `*at` is where scanning stopped.
-    fn next_event(&mut self, b: &[u8], at: &mut usize) -> Option<bool> {
+    /// `usage_at`: where in `b` the first possible usage at or after `*at` is, if anywhere (see
+    /// [`first_usage`]); moved on as lines past it are scanned.
+    fn next_event(
+        &mut self,
+        b: &[u8],
+        at: &mut usize,
+        usage_at: &mut Option<usize>,
+    ) -> Option<bool> {
         let mut i = *at;
         while i < b.len() {
             if std::mem::take(&mut self.pending_cr) && b[i] == b'\n' {
@@ -193,7 +218,14 @@ impl SseUsageScan {
                 continue;
             }
             let end = memchr2(b'\n', b'\r', &b[i..]).map_or(b.len(), |n| i + n);
-            if self.line == Line::Start && self.json.is_fresh() && skippable(&b[i..end], &b[end..])
+            if usage_at.is_some_and(|u| u < i) {
+                *usage_at = first_usage(&b[i..]).map(|u| i + u);
+            }
+            let usage_free = usage_at.is_none_or(|u| u >= end);
+            if self.line == Line::Start
+                && self.json.is_fresh()
+                && usage_free
+                && skippable(&b[i..end], &b[end..])
             {
                 // The event's one data line, and no key in it can be `usage`: as if scanned.
                 self.line = Line::Other;
@@ -268,33 +300,38 @@ impl SseUsageScan {
     }
 }
 
-/// Whether a whole line can go unscanned: it is a `data` line, a blank line follows it in the
-/// same frame (`rest` starts at its line end), so it is its event's only data, and no key in it
-/// can decode to `usage` with a value other than `null` ([`may_hold_usage`]). Most chunks of a
-/// stream are such lines; only the last one carries usage.
+/// Whether a line without a possible usage in it ([`first_usage`]) can go unscanned: it is a
+/// `data` line, and a blank line follows it in the same frame (`rest` starts at its line end),
+/// so it is its event's only data. Most chunks of a stream are such lines; only the last one
+/// carries usage.
 fn skippable(line: &[u8], rest: &[u8]) -> bool {
     let blank_follows = matches!(
         rest,
         [b'\n', b'\n' | b'\r', ..] | [b'\r', b'\r', ..] | [b'\r', b'\n', b'\n' | b'\r', ..]
     );
-    blank_follows && line.starts_with(b"data:") && !may_hold_usage(line)
+    blank_follows && line.starts_with(b"data:")
 }
 
-/// Whether a key in `bytes` could decode to `usage` with a value other than `null`: the literal
-/// word is there other than as `"usage":null` (spaces allowed around the colon), or there is a
-/// `\u` escape that could spell it. A JSON string cannot span lines, so this holds for every
-/// event whose data lies wholly within `bytes`.
+/// Where the first key in `bytes` that could decode to `usage` with a value other than
+/// `null` may start: the literal word other than as `"usage":null` (spaces allowed around
+/// the colon), or a `\u` escape that could spell it. A JSON string cannot span lines, so a
+/// line before that offset holds no usage.
 ///
-/// With `stream_options.include_usage` (which the edge asks for), OpenAI-compatible backends put
-/// `"usage":null` in every chunk but the last: such a chunk cannot change the usage counted, nor
-/// be a usage-only chunk, so it is passed on unscanned like a chunk without the word.
-fn may_hold_usage(bytes: &[u8]) -> bool {
+/// With `stream_options.include_usage` (which the edge asks for), OpenAI-compatible backends
+/// put `"usage":null` in every chunk but the last: such a chunk cannot change the usage
+/// counted, nor be a usage-only chunk, so it is passed on unscanned like a chunk without the
+/// word.
+fn first_usage(bytes: &[u8]) -> Option<usize> {
     static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"usage"));
-    USAGE
+    let word = USAGE
         .find_iter(bytes)
-        .any(|at| !null_member(&bytes[at + b"usage".len()..]))
-        // Backslashes are rare in a chunk: one search for them is cheaper than one for `\u`.
-        || memchr::memchr_iter(b'\\', bytes).any(|i| bytes.get(i + 1) == Some(&b'u'))
+        .find(|&at| !null_member(&bytes[at + b"usage".len()..]));
+    // Backslashes are rare in a chunk: one search for them is cheaper than one for `\u`,
+    // and none is needed past the word.
+    let end = word.unwrap_or(bytes.len());
+    let escape =
+        memchr::memchr_iter(b'\\', &bytes[..end]).find(|&i| bytes.get(i + 1) == Some(&b'u'));
+    escape.or(word)
 }
 
 /// Whether `rest`, what follows the word `usage`, closes a key whose value is `null`: a quote,
