@@ -117,7 +117,9 @@ pub fn render(handle: &PrometheusHandle) -> String {
         REQUEST_DURATION => "Request head to end of response body.",
         UPSTREAM_TTFB => "Upstream request to response head, every attempt included.",
         ENDPOINT_TTFB => "Time to the response head, per pool and endpoint.",
-        ENDPOINT_CHUNK_GAP => "Gaps between consecutive reads of body chunks, per pool and endpoint.",
+        ENDPOINT_CHUNK_GAP => {
+            "Gaps between consecutive reads of body chunks, per pool and endpoint."
+        }
         _ => "",
     });
     page

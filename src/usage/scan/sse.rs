@@ -2,7 +2,7 @@
 
 use std::sync::LazyLock;
 
-use memchr::memmem::Finder;
+use memchr::memmem::{Finder, FinderRev};
 
 use super::*;
 
@@ -78,8 +78,8 @@ impl SseUsageScan {
     /// [`feed`](Self::feed), but `None` when the frame [`passes`](Self::passes): it goes on as
     /// it came, and no [`Forward`] is filled. The frame is searched for usage once either way.
     pub fn scan(&mut self, frame: &Bytes) -> Option<Forward> {
-        let mut usage_at = first_usage(frame);
-        if self.passes_with(frame, usage_at) {
+        let mut ahead = Ahead::new(frame);
+        if self.passes_with(frame, ahead.usage) {
             return None;
         }
         let mut out = Forward::default();
@@ -88,7 +88,7 @@ impl SseUsageScan {
         }
         if !self.strip {
             let mut at = 0;
-            while self.next_event(frame, &mut at, &mut usage_at).is_some() {}
+            while self.next_event(frame, &mut at, &mut ahead).is_some() {}
             out.push(frame.clone());
             return Some(out);
         }
@@ -103,7 +103,7 @@ impl SseUsageScan {
         }
         let mut region = at; // start of the current event
         let mut last_cut = false;
-        while let Some(usage_only) = self.next_event(frame, &mut at, &mut usage_at) {
+        while let Some(usage_only) = self.next_event(frame, &mut at, &mut ahead) {
             let held = self.take_held();
             last_cut = usage_only && !self.released;
             if last_cut {
@@ -203,25 +203,25 @@ impl SseUsageScan {
 
     /// Scans from `*at` to just past the next blank line and returns whether the event it ended
     /// was usage-only; `None` when the frame ran out first. `*at` is where scanning stopped.
-    /// `usage_at`: where in `b` the first possible usage at or after `*at` is, if anywhere (see
-    /// [`first_usage`]); moved on as lines past it are scanned.
-    fn next_event(
-        &mut self,
-        b: &[u8],
-        at: &mut usize,
-        usage_at: &mut Option<usize>,
-    ) -> Option<bool> {
+    /// `ahead`: what is known of `b` past `*at`.
+    fn next_event(&mut self, b: &[u8], at: &mut usize, ahead: &mut Ahead) -> Option<bool> {
         let mut i = *at;
         while i < b.len() {
             if std::mem::take(&mut self.pending_cr) && b[i] == b'\n' {
                 i += 1;
                 continue;
             }
-            let end = memchr2(b'\n', b'\r', &b[i..]).map_or(b.len(), |n| i + n);
-            if usage_at.is_some_and(|u| u < i) {
-                *usage_at = first_usage(&b[i..]).map(|u| i + u);
+            ahead.move_to(b, i);
+            if self.line == Line::Start && self.json.is_fresh() {
+                // Whole events before the first possible usage change nothing: step past them
+                // at once, as if each had been scanned and dispatched.
+                if let Some(next) = ahead.past_events(b, i) {
+                    *at = next;
+                    return Some(false);
+                }
             }
-            let usage_free = usage_at.is_none_or(|u| u >= end);
+            let end = memchr2(b'\n', b'\r', &b[i..]).map_or(b.len(), |n| i + n);
+            let usage_free = ahead.usage.is_none_or(|u| u >= end);
             if self.line == Line::Start
                 && self.json.is_fresh()
                 && usage_free
@@ -332,6 +332,43 @@ fn first_usage(bytes: &[u8]) -> Option<usize> {
     let escape =
         memchr::memchr_iter(b'\\', &bytes[..end]).find(|&i| bytes.get(i + 1) == Some(&b'u'));
     escape.or(word)
+}
+
+/// What the scan of one frame knows of the bytes ahead of it.
+struct Ahead {
+    /// Where the first possible usage at or after the scan position is ([`first_usage`]).
+    usage: Option<usize>,
+    /// Events were looked for up to here: there is no LF LF between the scan position and here.
+    searched: usize,
+}
+
+impl Ahead {
+    fn new(frame: &[u8]) -> Ahead {
+        Ahead {
+            usage: first_usage(frame),
+            searched: 0,
+        }
+    }
+
+    /// The scan reached `i`: a usage found before it was scanned, so look for the next one.
+    fn move_to(&mut self, b: &[u8], i: usize) {
+        if self.usage.is_some_and(|u| u < i) {
+            self.usage = first_usage(&b[i..]).map(|u| i + u);
+        }
+    }
+
+    /// At an event's start `i`: the end of the last whole event before the next possible usage,
+    /// found as the last LF LF before it (a line end, then a blank line; a CRLF stream is read
+    /// line by line instead). Each byte is searched once per frame.
+    fn past_events(&mut self, b: &[u8], i: usize) -> Option<usize> {
+        static BLANK_LINE: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\n\n"));
+        let limit = self.usage.unwrap_or(b.len());
+        if limit <= self.searched {
+            return None;
+        }
+        self.searched = limit;
+        BLANK_LINE.rfind(&b[i..limit]).map(|n| i + n + 2)
+    }
 }
 
 /// Whether `rest`, what follows the word `usage`, closes a key whose value is `null`: a quote,
