@@ -5,6 +5,9 @@ if ! command -v wrk >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null
 fi
 
+# Scripts that need a bench target build it (`cargo bench --no-run`) before sourcing this file:
+# that build links the binaries again with the dev-dependencies' features (tokio's `test-util`
+# and `process`) into target/release, and this one puts the shipped ones back.
 cargo build --release --quiet --bins
 mock="${CARGO_TARGET_DIR:-target}/release/arkor-mock-backend"
 [ -x "$mock" ] || { echo "mock backend not built" >&2; exit 1; }

@@ -22,9 +22,9 @@ if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
 fi
 nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 
+bare=$(cargo bench --no-run --bench bare_forwarder 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
 . benches/common.sh # builds the binaries ($mock), makes $work, stops $pids on exit
 target_dir="${CARGO_TARGET_DIR:-target}"
-bare=$(cargo bench --no-run --bench bare_forwarder 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
 [ -x "$bare" ] || { echo "bare forwarder not built" >&2; exit 1; }
 
 mock_port=19100 bare_port=18081 edge_port=18080 nginx_port=18082

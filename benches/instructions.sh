@@ -20,9 +20,9 @@ if ! command -v valgrind >/dev/null; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind) >/dev/null
 fi
 
+bare=$(cargo bench --no-run --bench bare_forwarder 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
 . benches/common.sh # builds the binaries ($mock), makes $work, stops $pids on exit
 target_dir="${CARGO_TARGET_DIR:-target}"
-bare=$(cargo bench --no-run --bench bare_forwarder 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
 [ -x "$bare" ] || { echo "bare forwarder not built" >&2; exit 1; }
 out="$target_dir/instructions"
 rm -rf "$out" && mkdir -p "$out"

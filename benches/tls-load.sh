@@ -44,11 +44,13 @@ if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$fds" ]; then
   }
 fi
 
+# The bench build first: it links the binaries with the dev-dependencies' features too, and the
+# release build after it puts the shipped ones back in target/release.
+benches=$(cargo bench --no-run --bench conn_load 2>&1)
 cargo build --release --quiet --bins
 edge="${CARGO_TARGET_DIR:-target}/release/arkor-edge"
 mock="${CARGO_TARGET_DIR:-target}/release/arkor-mock-backend"
 [ -x "$edge" ] || { echo "arkor-edge not built" >&2; exit 1; }
-benches=$(cargo bench --no-run --bench conn_load 2>&1)
 client=$(echo "$benches" | sed -n 's/.*Executable .*conn_load.*(\(.*\)).*/\1/p' | tail -1)
 if [ ! -x "$mock" ] || [ ! -x "$client" ]; then
   echo "$benches" >&2
