@@ -521,3 +521,78 @@ async fn the_pool_sends_its_own_credential_never_the_clients() {
     }
     edge.stop().await;
 }
+
+/// A backend that answers one streamed chat completion with all of `events` written at once,
+/// each event its own chunk (as OpenAI-compatible servers send them when asked for usage).
+async fn burst_backend(events: &'static [&'static str]) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The request head, then its body by Content-Length.
+        let body_len = loop {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the edge closed before its request was whole");
+            req.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&req).to_ascii_lowercase();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len: usize = text[..end]
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse().unwrap())
+                    .unwrap();
+                break end + 4 + len;
+            }
+        };
+        while req.len() < body_len {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            req.extend_from_slice(&buf[..n]);
+        }
+        let mut wire = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+              transfer-encoding: chunked\r\n\r\n"
+            .to_vec();
+        for event in events {
+            wire.extend_from_slice(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes());
+        }
+        wire.extend_from_slice(b"0\r\n\r\n");
+        s.write_all(&wire).await.unwrap();
+        // Held open: the edge may keep the connection for its next request.
+        let _ = s.read(&mut buf).await;
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn a_burst_of_chunks_goes_on_whole_with_the_usage_chunk_counted_and_cut() {
+    const CONTENT: [&str; 3] = [
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}],\"usage\":null}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"b\"}}],\"usage\":null}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+    ];
+    const USAGE: &str = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9}}\n\n";
+    const DONE: &str = "data: [DONE]\n\n";
+    static EVENTS: [&str; 5] = [CONTENT[0], CONTENT[1], CONTENT[2], USAGE, DONE];
+    let backend = burst_backend(&EVENTS).await;
+    let edge = TestEdge::start(&[backend], "").await;
+    // The client did not ask for usage: the edge asked for it, counts it and cuts its chunk.
+    let a = post_keyed(&edge, &[], chat("x", true)).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.text(), [CONTENT.concat().as_str(), DONE].concat());
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = edge.admin(Method::GET, "/metrics", None, "").await.text();
+        if text.contains("arkor_edge_usage_tokens_total{kind=\"completion\"} 2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        text.contains("arkor_edge_usage_tokens_total{kind=\"prompt\"} 7")
+            && text.contains("arkor_edge_usage_tokens_total{kind=\"completion\"} 2"),
+        "{text}"
+    );
+    edge.stop().await;
+}
