@@ -24,23 +24,32 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 /// `application/json`.
 pub static APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), plus the proxy-era ones, never forwarded either way.
-/// `te` is dropped too: the edge speaks for itself to each side. Lower-case, as header names
-/// are stored.
-static HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-connection",
-];
+/// Whether `name` is a hop-by-hop header (RFC 9110 §7.6.1), or a proxy-era one, never forwarded
+/// either way. `te` is dropped too: the edge speaks for itself to each side. Names are compared
+/// lower-case, as they are stored; a `match` on strings compares lengths first.
+fn hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-connection"
+    )
+}
 
 /// Removes hop-by-hop headers, including every name listed in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    strip_hop_by_hop_and(headers, |_| false);
+}
+
+/// [`strip_hop_by_hop`], and every header whose name `also` picks, in the same walk over the
+/// message's names.
+pub fn strip_hop_by_hop_and(headers: &mut HeaderMap, also: impl Fn(&str) -> bool) {
     // Names listed in `Connection` are hop-by-hop too; collect them before removing `Connection`.
     // The rare case allocates; a request without `Connection` tokens does not.
     if headers.contains_key(header::CONNECTION) {
@@ -55,20 +64,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    remove_all(headers, &HOP_BY_HOP);
-}
-
-/// Removes every header named in `names` (lower-case). The message's own names are walked once
-/// and only those present are looked up again: a message carries a handful of headers, and a
-/// removal per listed name would hash every name on the list each time. Names are compared as
-/// strings, which mostly stops at their lengths.
-pub fn remove_all(headers: &mut HeaderMap, names: &[&str]) {
-    let present: SmallVec<[HeaderName; 8]> = headers
+    // The message's own names are walked once and only those picked are looked up again: a
+    // message carries a handful of headers, and a removal per listed name would hash each.
+    let picked: SmallVec<[HeaderName; 8]> = headers
         .keys()
-        .filter(|name| names.contains(&name.as_str()))
+        .filter(|name| hop_by_hop(name.as_str()) || also(name.as_str()))
         .cloned()
         .collect();
-    for name in present {
+    for name in picked {
         headers.remove(name);
     }
 }

@@ -33,21 +33,24 @@ use tokio::time::Instant;
 
 /// Client headers the edge never forwards upstream (besides hop-by-hop ones): credentials and
 /// cookies, framing and encodings the edge sets itself, and forwarding headers it rewrites.
-static NOT_FORWARDED: [&str; 13] = [
-    "authorization",
-    "cookie",
-    "host",
-    "content-length",
-    "content-type",
-    "content-encoding",
-    "accept-encoding",
-    "expect",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-real-ip",
-];
+fn not_forwarded(name: &str) -> bool {
+    matches!(
+        name,
+        "authorization"
+            | "cookie"
+            | "host"
+            | "content-length"
+            | "content-type"
+            | "content-encoding"
+            | "accept-encoding"
+            | "expect"
+            | "forwarded"
+            | "x-forwarded-for"
+            | "x-forwarded-host"
+            | "x-forwarded-proto"
+            | "x-real-ip"
+    )
+}
 
 /// How one attempt ended.
 enum Attempt {
@@ -447,15 +450,14 @@ fn attempt_h1<'a>(
     }
 }
 
-/// The headers a backend receives: the client's, less hop-by-hop and [`NOT_FORWARDED`] ones,
+/// The headers a backend receives: the client's, less hop-by-hop and [`not_forwarded`] ones,
 /// plus the edge's own (`content-type`, `accept-encoding: identity`, request id, client address).
 pub fn request_headers(
     mut headers: HeaderMap,
     request_id: &HeaderValue,
     client_ip: &HeaderValue,
 ) -> HeaderMap {
-    strip_hop_by_hop(&mut headers);
-    h::remove_all(&mut headers, &NOT_FORWARDED);
+    h::strip_hop_by_hop_and(&mut headers, not_forwarded);
     headers.insert(header::CONTENT_TYPE, h::APPLICATION_JSON.clone());
     headers.insert(
         header::ACCEPT_ENCODING,
