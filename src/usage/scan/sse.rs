@@ -75,8 +75,10 @@ impl SseUsageScan {
         }
     }
 
-    /// [`feed`](Self::feed), but `None` when the frame [`passes`](Self::passes): it goes on as
-    /// it came, and no [`Forward`] is filled. The frame is searched for usage once either way.
+    /// [`feed`](Self::feed), but `None` when the frame would go on as it came and leave the
+    /// scan where it was (the scan stands between events, and the frame is whole events none of
+    /// which can carry usage): then no [`Forward`] is filled. The frame is searched for usage
+    /// once either way.
     pub fn scan(&mut self, frame: &Bytes) -> Option<Forward> {
         let mut ahead = Ahead::new(frame);
         if self.passes_with(frame, ahead.usage) {
@@ -138,9 +140,10 @@ impl SseUsageScan {
 
     /// Whether [`feed`](Self::feed) would send `frame` on as it came and leave the scan where
     /// it was: the scan stands between events, and the frame is whole events (it ends with a
-    /// blank line), none of which can carry usage (so none is usage-only). The pass-through then
-    /// forwards the frame without feeding it.
-    pub fn passes(&self, frame: &[u8]) -> bool {
+    /// blank line), none of which can carry usage (so none is usage-only). [`scan`](Self::scan)
+    /// then returns `None` without scanning.
+    #[cfg(test)]
+    pub(super) fn passes(&self, frame: &[u8]) -> bool {
         self.passes_with(frame, first_usage(frame))
     }
 
