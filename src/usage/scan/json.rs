@@ -49,6 +49,10 @@ pub struct JsonUsageScan {
     /// The key cannot be one of ours (too long, non-ASCII escape, bad escape).
     key_bad: bool,
     want_key: bool,
+    /// A key was read at a tracked depth and its colon has not come yet. Only that colon opens
+    /// a value for the key: a stray one (`"usage":null,:{…}`) opens none, as the event-stream
+    /// scan assumes when it passes a `"usage":null` chunk unscanned.
+    colon_due: bool,
     want_value: bool,
     last_key: Key,
     /// Digits so far of a token count being read.
@@ -175,8 +179,14 @@ impl JsonUsageScan {
                 self.depth = self.depth.saturating_add(1);
             }
             b'}' | b']' => self.close(),
-            b':' if tracked => self.want_value = true,
-            b',' if tracked => self.want_key = true,
+            b':' if tracked && self.colon_due => {
+                self.colon_due = false;
+                self.want_value = true;
+            }
+            b',' if tracked => {
+                self.colon_due = false;
+                self.want_key = true;
+            }
             _ if tracked && self.want_value && !is_ws(c) => self.value_start(c),
             _ => {}
         }
@@ -226,6 +236,7 @@ impl JsonUsageScan {
         self.depth = self.depth.saturating_sub(1);
         // Whatever closed was a value: next comes a comma or a close, at any depth.
         self.want_key = false;
+        self.colon_due = false;
         self.want_value = false;
         if self.depth == 0 {
             self.phase = Phase::After;
@@ -264,6 +275,7 @@ impl JsonUsageScan {
                 if b[i + n] == b'"' {
                     self.in_string = false;
                     self.last_key = self.key_kind(&b[i..i + n]);
+                    self.colon_due = true;
                     return i + n + 1;
                 }
             }
@@ -324,6 +336,7 @@ impl JsonUsageScan {
         } else {
             self.key_kind(&self.key[..self.key_len])
         };
+        self.colon_due = true;
     }
 
     /// What a decoded key at the current depth is to the scan.

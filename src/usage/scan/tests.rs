@@ -193,6 +193,14 @@ fn crlf_cr_comments_and_multi_line_data() {
 }
 
 #[test]
+fn a_stray_colon_after_a_null_usage_counts_nothing_however_the_stream_is_cut() {
+    // Found by the `usage_scan` fuzz target: the whole frame passed unscanned as a
+    // `"usage":null` chunk, while the scan of a cut one read the keyless `:{…}` as usage.
+    let stream = "data:{\"usage\":null,:{\"\"}}\n\n";
+    sse_all_splits(stream, None, stream);
+}
+
+#[test]
 fn non_json_data_and_unterminated_events() {
     let stream = "data: hello\n\ndata: [DONE]\n\ndata: {\"choices\":[],\"usage\":{}} x\n\n";
     sse_all_splits(stream, None, stream);
@@ -206,7 +214,7 @@ fn non_json_data_and_unterminated_events() {
 
 #[test]
 fn non_streamed_documents() {
-    let cases: [(&str, Option<Usage>); 14] = [
+    let cases: [(&str, Option<Usage>); 17] = [
         (
             r#"{"id":"x","choices":[{"message":{"content":"usage"}}],"usage":{"prompt_tokens":9,"completion_tokens":4,"total_tokens":13}}"#,
             u(9, 4),
@@ -240,6 +248,13 @@ fn non_streamed_documents() {
             u(0, u64::MAX),
         ),
         (r#"[{"usage":{"prompt_tokens":1}}]"#, None),
+        // Only the colon after a key opens its value: a stray one opens none.
+        (r#"{"usage":null,:{"prompt_tokens":5}}"#, None),
+        (r#"{"usage":null :{"prompt_tokens":5}}"#, None),
+        (
+            r#"{"x":1,"usage":{"a":[{"b":"}"}],"completion_tokens":6}, "y":[]}"#,
+            u(0, 6),
+        ),
         (r#"{"usage":{"prompt_tokens":1}} {}"#, None),
     ];
     for (doc, usage) in cases {
