@@ -79,12 +79,17 @@ impl JsonUsageScan {
                 i = self.string(chunk, i);
                 continue;
             }
-            if self.phase == Phase::Root && self.skippable() {
-                // Below the tracked depths only nesting and strings matter: jump to the next
-                // byte that opens or closes one.
-                match chunk[i..].iter().position(|&c| STRUCTURAL[usize::from(c)]) {
-                    Some(n) => i += n,
-                    None => return,
+            if self.phase == Phase::Root {
+                if self.at_member() {
+                    // Whole members where they lie; the byte they stopped at goes on below.
+                    i = self.members(chunk, i);
+                } else if self.skippable() {
+                    // Below the tracked depths only nesting and strings matter: jump to the
+                    // next byte that opens or closes one.
+                    i += skip_to_structural(&chunk[i..]);
+                }
+                if i == chunk.len() {
+                    return;
                 }
             }
             let c = chunk[i];
@@ -128,6 +133,92 @@ impl JsonUsageScan {
     /// ours can be there, and no number or `choices` array is being read.
     fn skippable(&self) -> bool {
         self.number.is_none() && !self.choices_first && !self.tracked()
+    }
+
+    /// Whether a member (a key, or whitespace before it) comes next at a tracked depth, with
+    /// nothing half read: where [`members`](Self::members) can take over.
+    fn at_member(&self) -> bool {
+        self.want_key
+            && !self.colon_due
+            && !self.want_value
+            && self.number.is_none()
+            && !self.choices_first
+            && self.tracked()
+    }
+
+    /// Reads whole members (`"key": value` and the `,` or `}` after it) from `b[i..]`, leaving
+    /// the state just as the byte-by-byte scan would. It takes only a member that lies whole in
+    /// `b`, plainly formed: a key without escapes, a colon, one value, then a comma or a close.
+    /// Anything else (a member split by the chunk's end, an escaped key, malformed input) is
+    /// left to the byte-by-byte scan. Returns where it stopped: at the first member it left, or
+    /// at the object's closing `}` (for that scan to close it).
+    ///
+    /// The values of keys of no interest are jumped over, strings to their closing quote and
+    /// objects and arrays to their matching close, without decoding a byte of them: on a
+    /// completion, almost every byte.
+    fn members(&mut self, b: &[u8], mut i: usize) -> usize {
+        while let Some(next) = self.member(b, i) {
+            i = next;
+        }
+        i
+    }
+
+    /// One member from `b[i..]`, as [`members`](Self::members) describes; `Some` with where the
+    /// next one starts (past the comma, at the `}`, or inside a `usage` object just opened).
+    fn member(&mut self, b: &[u8], i: usize) -> Option<usize> {
+        let open = skip_ws(b, i);
+        if *b.get(open)? != b'"' {
+            return None;
+        }
+        let close = open + 1 + quote_or_backslash(&b[open + 1..])?;
+        if b[close] != b'"' {
+            return None; // decoded byte by byte, so `"us\u0061ge"` is `usage`
+        }
+        let key = self.key_kind(&b[open + 1..close]);
+        let colon = skip_ws(b, close + 1);
+        if *b.get(colon)? != b':' {
+            return None;
+        }
+        let value = skip_ws(b, colon + 1);
+        let first = *b.get(value)?;
+        if key == Key::Usage && first == b'{' {
+            // Into the top-level usage object, whose members are read here too.
+            self.last_key = key;
+            self.value_start(first);
+            self.depth += 1;
+            return Some(value + 1);
+        }
+        let after = match first {
+            b'"' => skip_string(b, value + 1)?,
+            b'{' | b'[' => skip_nested(b, value + 1)?,
+            c if !DELIMITER[usize::from(c)] => scalar_end(b, value),
+            _ => return None,
+        };
+        let end = skip_ws(b, after);
+        let last = *b.get(end)?;
+        if last != b',' && last != b'}' {
+            return None;
+        }
+        // The member is whole: what the byte-by-byte scan would have done with it.
+        self.last_key = key;
+        self.value_start(first);
+        match key {
+            Key::Choices if first == b'[' => {
+                self.choices_first = false;
+                self.choices_empty = b[skip_ws(b, value + 1)] == b']';
+            }
+            Key::Prompt | Key::Completion if self.number.is_some() => {
+                self.number = None;
+                self.set_count(count(&b[value..after]));
+            }
+            _ => {}
+        }
+        if last == b',' {
+            self.want_key = true;
+            Some(end + 1)
+        } else {
+            Some(end)
+        }
     }
 
     /// Keys and values matter only at the top level and directly inside `usage`.
@@ -355,6 +446,93 @@ pub(super) fn is_ws(c: u8) -> bool {
     matches!(c, b' ' | b'\t' | b'\n' | b'\r')
 }
 
+/// The first byte from `i` on that is not whitespace (`b.len()` when there is none).
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while i < b.len() && is_ws(b[i]) {
+        i += 1;
+    }
+    i
+}
+
+/// The offset in `b` of its first [`STRUCTURAL`] byte (`b.len()` when there is none).
+fn skip_to_structural(b: &[u8]) -> usize {
+    // `[` and `]` are `{` and `}` with bit 5 clear, and no other byte is.
+    first_hit(b, |w| {
+        let folded = w | lanes(0x20);
+        equal_bytes(w, b'"') | equal_bytes(folded, b'{') | equal_bytes(folded, b'}')
+    })
+    .unwrap_or(b.len())
+}
+
+/// Past the closing quote of the string whose contents start at `b[i]`; `None` when it does
+/// not close in `b`. An escape is a backslash and the next byte (`\u` hex digits are plain).
+fn skip_string(b: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        i += quote_or_backslash(b.get(i..)?)?;
+        if b[i] == b'"' {
+            return Some(i + 1);
+        }
+        i += 2;
+    }
+}
+
+/// Past the close matching the object or array opened just before `b[i]`; `None` when it does
+/// not close in `b`. Like the byte-by-byte scan, any `}` or `]` closes a level.
+fn skip_nested(b: &[u8], mut i: usize) -> Option<usize> {
+    let mut depth = 1usize;
+    loop {
+        i += skip_to_structural(&b[i..]);
+        let c = *b.get(i)?;
+        i += 1;
+        match c {
+            b'"' => i = skip_string(b, i)?,
+            b'{' | b'[' => depth += 1,
+            _ => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+        }
+    }
+}
+
+/// The end of a number or literal starting at `b[i]`: the next [`DELIMITER`], or `b.len()`.
+fn scalar_end(b: &[u8], i: usize) -> usize {
+    b[i..]
+        .iter()
+        .position(|&c| DELIMITER[usize::from(c)])
+        .map_or(b.len(), |n| i + n)
+}
+
+/// A token count read from a whole scalar value that starts with a digit, as the byte-by-byte
+/// scan reads it: its leading digits, unless a fraction or exponent follows them or they
+/// overflow a `u64` (then 0).
+fn count(scalar: &[u8]) -> u64 {
+    let digits = scalar.iter().take_while(|c| c.is_ascii_digit()).count();
+    if matches!(scalar.get(digits), Some(b'.' | b'e' | b'E')) {
+        return 0;
+    }
+    scalar[..digits]
+        .iter()
+        .try_fold(0u64, |v, &c| {
+            v.checked_mul(10)?.checked_add(u64::from(c - b'0'))
+        })
+        .unwrap_or(0)
+}
+
+/// Bytes that end a number or literal: whitespace, structure, `,` and `:`.
+static DELIMITER: [bool; 256] = {
+    let mut t = STRUCTURAL;
+    t[b' ' as usize] = true;
+    t[b'\t' as usize] = true;
+    t[b'\n' as usize] = true;
+    t[b'\r' as usize] = true;
+    t[b',' as usize] = true;
+    t[b':' as usize] = true;
+    t
+};
+
 /// Bytes that open or close a string, object or array.
 static STRUCTURAL: [bool; 256] = {
     let mut t = [false; 256];
@@ -367,13 +545,47 @@ static STRUCTURAL: [bool; 256] = {
 };
 
 /// The first `"` or `\` in `b`. Most strings in a completion are a few bytes long, shorter than
-/// it takes a vector search to pay for its set-up.
+/// it takes a vector search to pay for its set-up: their first 16 bytes are searched a word at
+/// a time.
 fn quote_or_backslash(b: &[u8]) -> Option<usize> {
     const SHORT: usize = 16;
     let head = &b[..b.len().min(SHORT)];
-    match head.iter().position(|&c| c == b'"' || c == b'\\') {
+    match first_hit(head, |w| equal_bytes(w, b'"') | equal_bytes(w, b'\\')) {
         Some(n) => Some(n),
         None if b.len() > SHORT => memchr2(b'"', b'\\', &b[SHORT..]).map(|n| n + SHORT),
         None => None,
     }
+}
+
+/// `byte` in each of a word's eight bytes.
+const fn lanes(byte: u8) -> u64 {
+    u64::from_ne_bytes([byte; 8])
+}
+
+/// The high bit of each byte of `word` (read little-endian) equal to `byte`. Exact up to the
+/// first such byte; a borrow may mark bytes after it, never before, so the lowest mark is the
+/// first match.
+fn equal_bytes(word: u64, byte: u8) -> u64 {
+    let x = word ^ lanes(byte);
+    x.wrapping_sub(lanes(0x01)) & !x & lanes(0x80)
+}
+
+/// The offset of the first byte of `b` that `hits` marks ([`equal_bytes`]), reading 8 bytes at a
+/// time. The last few are read as a word padded with zero bytes, which no search here matches.
+fn first_hit(b: &[u8], hits: impl Fn(u64) -> u64) -> Option<usize> {
+    let mut words = b.chunks_exact(8);
+    let mut at = 0;
+    for word in &mut words {
+        let mut le = [0u8; 8];
+        le.copy_from_slice(word);
+        let marks = hits(u64::from_le_bytes(le));
+        if marks != 0 {
+            return Some(at + marks.trailing_zeros() as usize / 8);
+        }
+        at += 8;
+    }
+    let tail = words.remainder();
+    let word = tail.iter().rev().fold(0, |w, &c| (w << 8) | u64::from(c));
+    let marks = hits(word);
+    (marks != 0).then(|| at + marks.trailing_zeros() as usize / 8)
 }
