@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod registry;
 pub mod router;
+mod search;
 pub mod server;
 pub mod stream;
 pub mod sync;

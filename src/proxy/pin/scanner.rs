@@ -160,10 +160,7 @@ impl Scanner<'_> {
         let start = self.i;
         loop {
             // Plain bytes in one tight loop; the match below sees only the ones that matter.
-            self.i += self.b[self.i..]
-                .iter()
-                .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
-                .unwrap_or(self.b.len() - self.i);
+            self.i += crate::search::string_special(&self.b[self.i..]);
             match self.bump() {
                 Some(b'"') => return Ok((start, self.i - 1)),
                 Some(b'\\') => self.escape()?,

@@ -210,6 +210,13 @@ fn refuses_anything_that_is_not_strict_json() {
     ] {
         assert_eq!(pin_str(input), Err(BodyProblem::NotJson), "{input:?}");
     }
+    // A raw control byte anywhere in a string: past the first word, past a vector block.
+    for at in [13, 21, 5000] {
+        let input = format!("{{\"a\":\"{}\u{1f}x\"}}", "y".repeat(at));
+        assert_eq!(pin_str(&input), Err(BodyProblem::NotJson), "at {at}");
+        let fine = input.replace('\u{1f}', "\\u001f");
+        assert!(pin_str(&fine).is_ok(), "at {at}");
+    }
     let bad_utf8 = Bytes::from_static(b"{\"a\":\"\xff\"}");
     let members = Bytes::from_static(PINNED.as_bytes());
     assert!(matches!(

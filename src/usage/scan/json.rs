@@ -1,6 +1,7 @@
 //! [`JsonUsageScan`]: the top-level `usage` of one JSON document, fed in arbitrary pieces.
 
 use super::*;
+use crate::search::{bracket_or_quote, quote_or_backslash};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Phase {
@@ -86,7 +87,7 @@ impl JsonUsageScan {
                 } else if self.skippable() {
                     // Below the tracked depths only nesting and strings matter: jump to the
                     // next byte that opens or closes one.
-                    i += skip_to_structural(&chunk[i..]);
+                    i += bracket_or_quote(&chunk[i..]);
                 }
                 if i == chunk.len() {
                     return;
@@ -454,16 +455,6 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// The offset in `b` of its first [`STRUCTURAL`] byte (`b.len()` when there is none).
-fn skip_to_structural(b: &[u8]) -> usize {
-    // `[` and `]` are `{` and `}` with bit 5 clear, and no other byte is.
-    first_hit(b, |w| {
-        let folded = w | lanes(0x20);
-        equal_bytes(w, b'"') | equal_bytes(folded, b'{') | equal_bytes(folded, b'}')
-    })
-    .unwrap_or(b.len())
-}
-
 /// Past the closing quote of the string whose contents start at `b[i]`; `None` when it does
 /// not close in `b`. An escape is a backslash and the next byte (`\u` hex digits are plain).
 fn skip_string(b: &[u8], mut i: usize) -> Option<usize> {
@@ -481,7 +472,7 @@ fn skip_string(b: &[u8], mut i: usize) -> Option<usize> {
 fn skip_nested(b: &[u8], mut i: usize) -> Option<usize> {
     let mut depth = 1usize;
     loop {
-        i += skip_to_structural(&b[i..]);
+        i += bracket_or_quote(&b[i..]);
         let c = *b.get(i)?;
         i += 1;
         match c {
@@ -543,49 +534,3 @@ static STRUCTURAL: [bool; 256] = {
     t[b']' as usize] = true;
     t
 };
-
-/// The first `"` or `\` in `b`. Most strings in a completion are a few bytes long, shorter than
-/// it takes a vector search to pay for its set-up: their first 16 bytes are searched a word at
-/// a time.
-fn quote_or_backslash(b: &[u8]) -> Option<usize> {
-    const SHORT: usize = 16;
-    let head = &b[..b.len().min(SHORT)];
-    match first_hit(head, |w| equal_bytes(w, b'"') | equal_bytes(w, b'\\')) {
-        Some(n) => Some(n),
-        None if b.len() > SHORT => memchr2(b'"', b'\\', &b[SHORT..]).map(|n| n + SHORT),
-        None => None,
-    }
-}
-
-/// `byte` in each of a word's eight bytes.
-const fn lanes(byte: u8) -> u64 {
-    u64::from_ne_bytes([byte; 8])
-}
-
-/// The high bit of each byte of `word` (read little-endian) equal to `byte`. Exact up to the
-/// first such byte; a borrow may mark bytes after it, never before, so the lowest mark is the
-/// first match.
-fn equal_bytes(word: u64, byte: u8) -> u64 {
-    let x = word ^ lanes(byte);
-    x.wrapping_sub(lanes(0x01)) & !x & lanes(0x80)
-}
-
-/// The offset of the first byte of `b` that `hits` marks ([`equal_bytes`]), reading 8 bytes at a
-/// time. The last few are read as a word padded with zero bytes, which no search here matches.
-fn first_hit(b: &[u8], hits: impl Fn(u64) -> u64) -> Option<usize> {
-    let mut words = b.chunks_exact(8);
-    let mut at = 0;
-    for word in &mut words {
-        let mut le = [0u8; 8];
-        le.copy_from_slice(word);
-        let marks = hits(u64::from_le_bytes(le));
-        if marks != 0 {
-            return Some(at + marks.trailing_zeros() as usize / 8);
-        }
-        at += 8;
-    }
-    let tail = words.remainder();
-    let word = tail.iter().rev().fold(0, |w, &c| (w << 8) | u64::from(c));
-    let marks = hits(word);
-    (marks != 0).then(|| at + marks.trailing_zeros() as usize / 8)
-}
