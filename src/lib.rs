@@ -14,9 +14,9 @@
 //! | [`error`] | [`error::EdgeError`]: every failure's status, code and OpenAI envelope |
 //!
 //! Around them: [`config`] (the TOML file) and [`sync`] (control-plane sources feeding the
-//! registry). `fuzzing` (hidden) holds the property checks the fuzz targets and the corpus
-//! replay test run. [`start`] wires everything on already-chosen addresses, so tests run the whole edge
-//! on port 0.
+//! registry); `search` (private) holds the byte searches the JSON readers share. `fuzzing`
+//! (hidden) holds the property checks the fuzz targets and the corpus replay test run. [`start`]
+//! wires everything on already-chosen addresses, so tests run the whole edge on port 0.
 
 #![forbid(unsafe_code)]
 
