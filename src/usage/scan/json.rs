@@ -130,8 +130,8 @@ impl JsonUsageScan {
         self.choices_empty && self.usage().is_some()
     }
 
-    /// Whether the bytes up to the next [`STRUCTURAL`] one change nothing: no key or value of
-    /// ours can be there, and no number or `choices` array is being read.
+    /// Whether the bytes up to the next quote or bracket ([`bracket_or_quote`]) change nothing:
+    /// no key or value of ours can be there, and no number or `choices` array is being read.
     fn skippable(&self) -> bool {
         self.number.is_none() && !self.choices_first && !self.tracked()
     }
@@ -512,25 +512,14 @@ fn count(scalar: &[u8]) -> u64 {
         .unwrap_or(0)
 }
 
-/// Bytes that end a number or literal: whitespace, structure, `,` and `:`.
+/// Bytes that end a number or literal: whitespace, the quote and brackets, `,` and `:`.
 static DELIMITER: [bool; 256] = {
-    let mut t = STRUCTURAL;
-    t[b' ' as usize] = true;
-    t[b'\t' as usize] = true;
-    t[b'\n' as usize] = true;
-    t[b'\r' as usize] = true;
-    t[b',' as usize] = true;
-    t[b':' as usize] = true;
-    t
-};
-
-/// Bytes that open or close a string, object or array.
-static STRUCTURAL: [bool; 256] = {
     let mut t = [false; 256];
-    t[b'"' as usize] = true;
-    t[b'{' as usize] = true;
-    t[b'}' as usize] = true;
-    t[b'[' as usize] = true;
-    t[b']' as usize] = true;
+    let mut i = 0;
+    let delimiters = b" \t\n\r\"{}[],:";
+    while i < delimiters.len() {
+        t[delimiters[i] as usize] = true;
+        i += 1;
+    }
     t
 };
