@@ -225,6 +225,53 @@ fn refuses_anything_that_is_not_strict_json() {
     ));
     let utf16 = Bytes::from_static(b"{\0\"\0a\0\"\0:\x001\0}\0");
     assert!(pin(&utf16, &["model"], &members).is_err());
+    // Every kind of ill-formed UTF-8 (RFC 3629), in a short body and deep in long ones, where the
+    // check reads whole vectors: a lone continuation byte, an overlong form, a surrogate, a code
+    // point above U+10FFFF, a sequence cut short, and one cut by the string's end.
+    let ill_formed: [&[u8]; 8] = [
+        b"\x80",
+        b"\xc0\xaf",
+        b"\xe0\x80\xaf",
+        b"\xed\xa0\x80",
+        b"\xf4\x90\x80\x80",
+        b"\xf8\x88\x80\x80\x80",
+        b"\xe2\x82x",
+        b"\xf0\x9f\x98",
+    ];
+    for bad in ill_formed {
+        for at in [0, 13, 31, 32, 63, 64, 1000] {
+            let mut body = format!("{{\"a\":\"{}", "\u{e9}y".repeat(at / 3)).into_bytes();
+            body.extend_from_slice(bad);
+            body.extend_from_slice(format!("{}\"}}", "z".repeat(at)).as_bytes());
+            assert!(std::str::from_utf8(&body).is_err(), "{bad:?}");
+            assert!(
+                matches!(
+                    pin(&Bytes::from(body), &["model"], &members),
+                    Err(BodyProblem::NotJson)
+                ),
+                "{bad:?} at {at}"
+            );
+        }
+    }
+    // The same places hold well-formed text of each length: the check refuses nothing valid.
+    for good in [
+        "\u{7f}",
+        "\u{80}",
+        "\u{7ff}",
+        "\u{800}",
+        "\u{ffff}",
+        "\u{10000}",
+        "\u{10ffff}",
+    ] {
+        for at in [0, 13, 31, 32, 63, 64, 1000] {
+            let input = format!(
+                "{{\"a\":\"{}{good}{}\"}}",
+                "\u{e9}y".repeat(at / 3),
+                "z".repeat(at)
+            );
+            assert!(pin_str(&input).is_ok(), "{good:?} at {at}");
+        }
+    }
 }
 
 #[test]
