@@ -226,8 +226,8 @@ fn refuses_anything_that_is_not_strict_json() {
     let utf16 = Bytes::from_static(b"{\0\"\0a\0\"\0:\x001\0}\0");
     assert!(pin(&utf16, &["model"], &members).is_err());
     // Every kind of ill-formed UTF-8 (RFC 3629), in a short body and deep in long ones, where the
-    // check reads whole vectors: a lone continuation byte, an overlong form, a surrogate, a code
-    // point above U+10FFFF, a sequence cut short, and one cut by the string's end.
+    // check reads whole vectors: a lone continuation byte, overlong forms, a surrogate, a code
+    // point above U+10FFFF, a 5-byte lead, and sequences cut short (at 0, by the string's end).
     let ill_formed: [&[u8]; 8] = [
         b"\x80",
         b"\xc0\xaf",
