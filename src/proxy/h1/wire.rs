@@ -97,6 +97,11 @@ pub fn parse_head(
     interim: &mut u32,
 ) -> Result<Option<Head>, WireError> {
     loop {
+        if buf.is_empty() {
+            // Before the first read, or when interim responses were all the buffer held: what
+            // httparse would say, without the set-up below.
+            return Ok(None);
+        }
         // Where each name and value lies in `buf`, so they can be sliced once it is frozen
         // (offsets below MAX_HEAD fit in u32; the array is zeroed per parse, so it is kept small).
         let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];

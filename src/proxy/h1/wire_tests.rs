@@ -87,6 +87,7 @@ fn interim_responses_are_bounded_per_request_across_reads() {
     for _ in 0..max / 2 {
         buf.extend_from_slice(CONTINUE.repeat(2).as_bytes());
         assert!(parse_head(&mut buf, false, &mut interim).unwrap().is_none());
+        assert!(buf.is_empty(), "interim responses are consumed");
     }
     assert_eq!(interim, MAX_INTERIM);
     buf.extend_from_slice(CONTINUE.as_bytes());
